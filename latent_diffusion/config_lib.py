@@ -1,0 +1,99 @@
+"""Building blocks of the configs in `configs/`: the paper's autoencoder table, section defaults, arguments.
+
+Config files compose these so that a number from the paper is written once. Arguments after the colon are
+comma-separated words (`smoke`) or `key=value` pairs (`ae=vq-f4`): `configs/txt2img.py:smoke,ae=kl-f4`.
+"""
+
+import ml_collections
+
+# The paper's first-stage models (Table 8 / the CompVis model zoo): ch=128, num_res_blocks=2, dropout 0.
+AUTOENCODERS = {
+    'kl-f4': dict(kind='kl', ch_mult=(1, 2, 4), attn_resolutions=(), z_channels=3),
+    'kl-f8': dict(kind='kl', ch_mult=(1, 2, 4, 4), attn_resolutions=(), z_channels=4),
+    'kl-f16': dict(kind='kl', ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,), z_channels=16),
+    'kl-f32': dict(kind='kl', ch_mult=(1, 1, 2, 2, 4, 4), attn_resolutions=(16, 8), z_channels=64),
+    'vq-f4': dict(kind='vq', ch_mult=(1, 2, 4), attn_resolutions=(), z_channels=3, n_embed=8192),
+    'vq-f8': dict(kind='vq', ch_mult=(1, 2, 2, 4), attn_resolutions=(32,), z_channels=4, n_embed=16384),
+    'vq-f16': dict(kind='vq', ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,), z_channels=8, n_embed=16384),
+}
+AUTOENCODER_LOSSES = {
+    'kl-f4': dict(disc_start=50001, disc_weight=0.5, kl_weight=1e-6),
+    'kl-f8': dict(disc_start=50001, disc_weight=0.5, kl_weight=1e-6),
+    'kl-f16': dict(disc_start=50001, disc_weight=0.5, kl_weight=1e-6),
+    'kl-f32': dict(disc_start=50001, disc_weight=0.5, kl_weight=1e-6),
+    'vq-f4': dict(disc_start=0, disc_weight=0.75, codebook_weight=1.0),
+    'vq-f8': dict(disc_start=1, disc_weight=0.6, codebook_weight=1.0),
+    'vq-f16': dict(disc_start=250001, disc_weight=0.75, codebook_weight=1.0),
+}
+
+
+def parse_arg(arg, **defaults):
+  """Parses `word,key=value` into a ConfigDict over `defaults`; bare words set booleans to True.
+
+  Values take the type of their default, so `smoke` and `ae=kl-f4` are checked against the known names.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for token in filter(None, (arg or '').split(',')):
+    key, _, value = token.partition('=')
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument '{key}' in '{arg}'; known: {sorted(defaults)}.")
+    default = defaults[key]
+    if not value:
+      if not isinstance(default, bool):
+        raise ValueError(f"Config argument '{key}' needs a value ('{key}=...').")
+      parsed[key] = True
+    elif isinstance(default, bool):
+      parsed[key] = value.lower() in ('1', 'true', 'yes')
+    else:
+      parsed[key] = type(default)(value)
+  return parsed
+
+
+def autoencoder(name, *, smoke=False):
+  """The `autoencoder` section for a paper model (`kl-f8`, ...); `smoke` shrinks widths and steps for a CPU."""
+  if name not in AUTOENCODERS:
+    raise ValueError(f"Unknown autoencoder '{name}'; choose one of {sorted(AUTOENCODERS)}.")
+  arch = AUTOENCODERS[name]
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.pretrained = ''  # A stage-1 checkpoint directory to use instead of training (see the weights/ issue).
+  c.model = ml_collections.ConfigDict(dict(
+      kind=arch['kind'], ch=128, ch_mult=arch['ch_mult'], num_res_blocks=2,
+      attn_resolutions=arch['attn_resolutions'], z_channels=arch['z_channels'],
+      embed_dim=arch['z_channels'], n_embed=arch.get('n_embed', 0), dropout=0.0))
+  c.loss = ml_collections.ConfigDict(dict(
+      perceptual_weight=1.0, disc_weight=0.0, disc_start=0, kl_weight=0.0, codebook_weight=0.0,
+      disc_loss='hinge', disc_num_layers=3))
+  c.loss.update(AUTOENCODER_LOSSES[name])
+  c.optimizer = ml_collections.ConfigDict(dict(learning_rate=4.5e-6, b1=0.5, b2=0.9))
+  c.batch_size = 12
+  c.total_steps = 200_000
+  c.ema_decay = 0.0
+  if smoke:
+    c.model.update(ch=32, num_res_blocks=1, attn_resolutions=())
+    c.model.n_embed = min(c.model.n_embed, 256)
+    c.loss.update(perceptual_weight=0.0, disc_start=10**9)
+    c.optimizer.learning_rate = 1e-3
+    c.batch_size = 16
+    c.total_steps = 1500
+  return c
+
+
+def mesh():
+  """All devices on the data axis; set fsdp/tensor to shard large models."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
+def train_schedule(*, log_every, checkpoint_every, eval_every, keep_checkpoints=3):
+  return ml_collections.ConfigDict(dict(log_every=log_every, checkpoint_every=checkpoint_every,
+                                        eval_every=eval_every, keep_checkpoints=keep_checkpoints))
+
+
+def data(name, resolution, **overrides):
+  """The `data` section: a TFDS name (or `folder`, a local image folder that takes precedence)."""
+  c = ml_collections.ConfigDict(dict(
+      name=name, folder='', data_dir='', resolution=resolution, train_split='train',
+      eval_split='validation', image_key='image', caption_key='caption', label_key='label',
+      random_flip=False, shuffle_block=10_000, prefetch=2))
+  c.update(overrides)
+  return c

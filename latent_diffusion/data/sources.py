@@ -1,0 +1,145 @@
+"""Where images come from: a TFDS dataset or a local folder, sliced for this host, as per-epoch record streams.
+
+A source exposes `num_examples` (this host's share), `epoch(seed, epoch)` (a tf.data stream of raw records in
+a deterministic order that depends only on the seed and the epoch) and `decode(record)` (a dict with `image`
+uint8 [H, W, 3] and, when the data has them, `caption` and `label`). Decoding after ordering lets a restart
+skip records cheaply.
+"""
+
+import os
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from latent_diffusion.data import captioned_shapes  # pylint: disable=unused-import  (registers the builder)
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+def epoch_seed(seed, epoch):
+  """A stateless-RNG seed for one epoch (shape [2], int64)."""
+  return tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+
+
+def _block_shuffle(ds, seed, block_size):
+  """Shuffles consecutive blocks of `block_size` records, each with its own stateless seed."""
+  def shuffle_block(index, block):
+    block_seed = tf.stack([seed[0] * 1_000_003 + seed[1], index])
+    return tf.data.Dataset.from_tensor_slices(tf.random.experimental.stateless_shuffle(block, block_seed))
+  return ds.batch(block_size).enumerate().flat_map(shuffle_block)
+
+
+class TfdsSource:
+  """A TFDS split read from its TFRecord shards: shard order and blocks of records shuffled per epoch."""
+
+  def __init__(self, name, split, *, data_dir=None, image_key='image', caption_key='caption',
+               label_key='label', process_index=0, process_count=1, shuffle_block=10_000):
+    try:
+      self.builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(
+          f"Unknown dataset data.name='{name}': it is not a registered TFDS dataset. Use the built-in "
+          "'captioned_shapes/32', '/64' or '/256', a TFDS dataset you have prepared (e.g. 'celeb_a_hq/256'), "
+          'or set data.folder to a local folder of images.') from e
+    self._prepare(name, data_dir)
+    features = self.builder.info.features
+    self.keys = {k: v for k, v in (('image', image_key), ('caption', caption_key), ('label', label_key))
+                 if v and v in features}
+    if 'image' not in self.keys:
+      raise ValueError(f"Dataset '{name}' has no feature data.image_key='{image_key}'; its features are "
+                       f'{sorted(features)}.')
+    if split.split('[')[0] not in self.builder.info.splits:
+      raise ValueError(f"Dataset '{name}' has no split '{split}'; it has {sorted(self.builder.info.splits)}.")
+    host_split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
+    split_info = self.builder.info.splits[host_split]
+    self.num_examples = split_info.num_examples
+    if self.builder.info.file_format.value != 'tfrecord':
+      raise ValueError(f"Dataset '{name}' is stored as {self.builder.info.file_format.value}; prepare it as "
+                       'tfrecord (the default file_format of tfds.builder(...).download_and_prepare).')
+    instructions = split_info.file_instructions
+    self._files = tf.constant([f.filename for f in instructions])
+    self._skips = tf.constant([f.skip for f in instructions], tf.int64)
+    self._takes = tf.constant([f.take for f in instructions], tf.int64)
+    self._shuffle_block = shuffle_block
+    self.image_shape = features[self.keys['image']].shape
+
+  def _prepare(self, name, data_dir):
+    """Generates the dataset if it is missing (offline for the built-in one)."""
+    if self.builder.is_prepared():
+      return
+    try:
+      self.builder.download_and_prepare()
+    except Exception as e:  # TFDS raises many types for "cannot download/prepare here".
+      raise ValueError(
+          f"Dataset '{name}' is not prepared in data_dir={self.builder.data_dir_root!r} and preparing it "
+          f'failed: {e}. Prepare it where you have the data (tfds build {name.split("/")[0]}) and point '
+          'data.data_dir at it.') from e
+
+  def epoch(self, seed, epoch):
+    seed = epoch_seed(seed, epoch)
+    order = tf.random.experimental.stateless_shuffle(tf.range(tf.size(self._files)), seed)
+    shards = tf.data.Dataset.from_tensor_slices(
+        (tf.gather(self._files, order), tf.gather(self._skips, order), tf.gather(self._takes, order)))
+    records = shards.interleave(
+        lambda f, skip, take: tf.data.TFRecordDataset(f).skip(skip).take(take),
+        cycle_length=16, block_length=1, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    return _block_shuffle(records, seed, self._shuffle_block)
+
+  def ordered(self):
+    """All records of this host's share in the split's stored order (for evaluation and encoding)."""
+    shards = tf.data.Dataset.from_tensor_slices((self._files, self._skips, self._takes))
+    return shards.flat_map(lambda f, skip, take: tf.data.TFRecordDataset(f).skip(skip).take(take))
+
+  def decode(self, record):
+    example = self.builder.info.features.deserialize_example(record)
+    return {ours: example[theirs] for ours, theirs in self.keys.items()}
+
+
+class FolderSource:
+  """A folder of images (searched recursively), each with an optional caption in a same-name `.txt` file."""
+
+  def __init__(self, folder, *, process_index=0, process_count=1):
+    if not tf.io.gfile.isdir(folder):
+      raise ValueError(f"data.folder='{folder}' is not a directory.")
+    paths = sorted(
+        os.path.join(root, f) for root, _, files in tf.io.gfile.walk(folder) for f in files
+        if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+      raise ValueError(f"data.folder='{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    per_host = len(paths) // process_count
+    if per_host == 0:
+      raise ValueError(f"data.folder='{folder}' has {len(paths)} images, fewer than the {process_count} hosts.")
+    paths = paths[process_index * per_host:(process_index + 1) * per_host]
+    captions = [_read_caption(p) for p in paths]
+    self.keys = {'image': 'image', 'caption': 'caption'} if any(captions) else {'image': 'image'}
+    self.num_examples = per_host
+    self._records = (tf.constant(paths), tf.constant(captions))
+    self.image_shape = (None, None, 3)
+
+  def epoch(self, seed, epoch):
+    order = tf.random.experimental.stateless_shuffle(tf.range(self.num_examples), epoch_seed(seed, epoch))
+    return tf.data.Dataset.from_tensor_slices(tuple(tf.gather(r, order) for r in self._records))
+
+  def ordered(self):
+    return tf.data.Dataset.from_tensor_slices(self._records)
+
+  def decode(self, record):
+    path, caption = record
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return {'image': image, 'caption': caption} if 'caption' in self.keys else {'image': image}
+
+
+def _read_caption(image_path):
+  txt = os.path.splitext(image_path)[0] + '.txt'
+  return tf.io.gfile.GFile(txt).read().strip() if tf.io.gfile.exists(txt) else ''
+
+
+def create_source(data_config, split, *, process_index=0, process_count=1):
+  """The source named by `data_config`: `data.folder` when set, else the TFDS dataset `data.name`."""
+  if data_config.folder:
+    return FolderSource(data_config.folder, process_index=process_index, process_count=process_count)
+  return TfdsSource(
+      data_config.name, split, data_dir=data_config.data_dir or None, image_key=data_config.image_key,
+      caption_key=data_config.caption_key, label_key=data_config.label_key, process_index=process_index,
+      process_count=process_count, shuffle_block=data_config.shuffle_block)

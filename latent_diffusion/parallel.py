@@ -1,0 +1,125 @@
+"""Everything about devices in one place: the mesh, logical-axis rules, sharded state creation, multi-host helpers.
+
+Parameters carry logical axis names (`nn.with_logical_partitioning`); `LOGICAL_AXIS_RULES` maps them to the
+mesh axes ('data', 'fsdp', 'tensor'). A mesh axis that does not divide a dimension is dropped for that
+dimension (the dimension is replicated), so one table serves every model size and device count.
+"""
+
+import math
+
+from absl import logging
+import flax.linen as nn
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import numpy as np
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+LOGICAL_AXIS_RULES = (
+    ('batch', BATCH_AXES),
+    ('embed', 'fsdp'),  # model width of dense layers and embeddings
+    ('mlp', 'tensor'),  # hidden width of feed-forward layers
+    ('heads', 'tensor'),  # attention heads x head width
+    ('vocab', 'tensor'),
+    ('conv_in', 'fsdp'),  # input channels of convolution kernels
+    ('conv_out', 'tensor'),  # output channels of convolution kernels
+    ('norm', None),  # scales and biases
+)
+
+
+def create_mesh(mesh_config, devices=None):
+  """A ('data', 'fsdp', 'tensor') mesh from `config.mesh`; one size may be -1 to use the remaining devices."""
+  devices = jax.devices() if devices is None else devices
+  sizes = [int(mesh_config[a]) for a in MESH_AXES]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive, with at most one -1.')
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if len(devices) % known:
+      raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))} does not divide the {len(devices)} devices.')
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but '
+                     f'{len(devices)} are present; set one mesh size to -1 to fill the devices.')
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_sharding(logical_axes, shape, mesh, rules=LOGICAL_AXIS_RULES):
+  """NamedSharding of an array with `shape` whose dimensions have the given logical names (None = replicated)."""
+  table = dict(rules)
+  used = set()
+  spec = []
+  for name, dim in zip(tuple(logical_axes) + (None,) * (len(shape) - len(logical_axes)), shape):
+    axes = table.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    if dim % math.prod(mesh.shape[a] for a in axes):
+      axes = ()
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return NamedSharding(mesh, P(*spec))
+
+
+def tree_shardings(abstract_tree, mesh, rules=LOGICAL_AXIS_RULES):
+  """Shardings for a (possibly boxed) pytree of arrays, matching the tree after `nn.meta.unbox`."""
+  specs = nn.get_partition_spec(abstract_tree)
+  shapes = nn.meta.unbox(abstract_tree)
+  return jax.tree.map(lambda spec, x: logical_sharding(spec, x.shape, mesh, rules), specs, shapes,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def create_sharded(init_fn, mesh, *args):
+  """Runs `init_fn(*args)` under jit so that every leaf is created directly in its sharding.
+
+  Returns the unboxed result and its shardings (for `jax.jit(in_shardings=..., out_shardings=...)`).
+  """
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = tree_shardings(abstract, mesh)
+  arg_shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), args)
+  init = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), in_shardings=arg_shardings, out_shardings=shardings)
+  return init(*args), shardings
+
+
+def batch_sharding(mesh):
+  """Leading (batch) dimension split over the mesh's batch axes."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch_size, mesh, what='batch size'):
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if global_batch_size % shards:
+    raise ValueError(f'The global {what} {global_batch_size} is not divisible by the {shards} batch shards of '
+                     f'the mesh {dict(mesh.shape)}; change the batch size or config.mesh.')
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+  """Starts JAX's multi-controller runtime: from explicit values, or detected from the environment (TPU, SLURM)."""
+  if jax.config.jax_platforms == 'cpu':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU processes talk over TCP
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  else:
+    jax.distributed.initialize()
+  logging.info('jax.distributed: process %d of %d, %d local / %d global devices.', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def is_main_process():
+  return jax.process_index() == 0
+
+
+def sync(name):
+  """Barrier across hosts (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree):
+  """Gathers a pytree of (possibly sharded, multi-host) arrays into full numpy arrays on every host."""
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

@@ -1,0 +1,41 @@
+"""Train state: step, params, optimizer state, and optional EMA params kept next to the params."""
+
+from typing import Any
+
+import flax
+import jax
+import optax
+
+
+def ema_decay(num_updates, max_decay):
+  """The reference EMA decay with warm-up: min(decay, (1 + n) / (10 + n)) for the n-th update (n >= 1)."""
+  return jax.numpy.minimum(max_decay, (1.0 + num_updates) / (10.0 + num_updates))
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Pure train state; `ema_params` is None when EMA is off. Sampling and evaluation read EMA params."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  ema_max_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+  @classmethod
+  def create(cls, params, tx, ema_max_decay=0.0):
+    """`ema_max_decay` > 0 keeps an EMA of the params with the reference warm-up."""
+    return cls(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params),
+               ema_params=params if ema_max_decay > 0 else None, tx=tx, ema_max_decay=ema_max_decay)
+
+  def apply_gradients(self, grads):
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    ema_params = self.ema_params
+    if ema_params is not None:
+      decay = ema_decay(self.step + 1, self.ema_max_decay)
+      ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
+
+  @property
+  def eval_params(self):
+    return self.params if self.ema_params is None else self.ema_params

@@ -1,0 +1,65 @@
+"""The run's resolved config in `WORKDIR/config.json`, and the refusal to mix incompatible runs in one workdir."""
+
+import json
+
+from absl import logging
+from etils import epath
+import ml_collections
+
+from latent_diffusion import parallel
+
+# Fields that fix what a workdir's checkpoints, latents and data order mean; changing any corrupts the run.
+IDENTITY_FIELDS = ('seed', 'data', 'autoencoder.name', 'autoencoder.model', 'autoencoder.pretrained',
+                   'autoencoder.batch_size', 'latents.dtype', 'latents.scale_factor', 'ldm.unet',
+                   'ldm.conditioning', 'ldm.schedule', 'ldm.parameterization', 'ldm.batch_size')
+# Fields under IDENTITY_FIELDS that may change between restarts (where to find data, how fast to read it).
+MUTABLE_FIELDS = ('data.data_dir', 'data.prefetch')
+
+
+def flatten(tree, prefix=''):
+  """{'a': {'b': 1}} -> {'a.b': 1}, with lists made tuples so that JSON round trips compare equal."""
+  flat = {}
+  for key, value in tree.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, dict):
+      flat.update(flatten(value, path + '.'))
+    else:
+      flat[path] = tuple(value) if isinstance(value, list) else value
+  return flat
+
+
+def _is_identity(path):
+  under = lambda prefixes: any(path == p or path.startswith(p + '.') for p in prefixes)
+  return under(IDENTITY_FIELDS) and not under(MUTABLE_FIELDS)
+
+
+def incompatible_fields(old, new):
+  """The identity fields whose values differ between two config dicts: [(path, old value, new value)]."""
+  old, new = flatten(old), flatten(new)
+  return [(p, old.get(p, '<absent>'), new.get(p, '<absent>')) for p in sorted(set(old) | set(new))
+          if _is_identity(p) and old.get(p, '<absent>') != new.get(p, '<absent>')]
+
+
+def prepare(config: ml_collections.ConfigDict, workdir):
+  """Creates the workdir, refuses a config that differs from the saved one in identity fields, saves it."""
+  path = epath.Path(workdir) / 'config.json'
+  new = json.loads(config.to_json_best_effort())
+  if path.exists():
+    try:
+      old = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON ({e}); restore it or use a new --workdir.') from e
+    diffs = incompatible_fields(old, new)
+    if diffs:
+      lines = '\n'.join(f'  {p}: {o!r} (workdir) != {n!r} (now)' for p, o, n in diffs)
+      raise ValueError(f'The workdir {workdir} was made with a different config, and these fields would corrupt '
+                       f'the run:\n{lines}\nUse the same config (see {path}) or a new --workdir.')
+    changed = sorted(p for p, v in flatten(new).items() if flatten(old).get(p) != v)
+    if changed:
+      logging.info('Config fields changed since the last run in %s: %s', workdir, ', '.join(changed))
+  if parallel.is_main_process():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / 'config.json.tmp'
+    tmp.write_text(json.dumps(new, indent=2, sort_keys=True))
+    tmp.replace(path)
+  parallel.sync('workdir.prepare')

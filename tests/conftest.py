@@ -1,0 +1,29 @@
+"""Test set-up: 8 simulated CPU devices (set before jax is imported) and one prepared copy of the built-in data."""
+
+import fcntl
+import os
+import pathlib
+
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TEST_DATA_DIR = pathlib.Path(os.environ.get('LDM_TEST_DATA_DIR', REPO / '.test_data'))
+
+
+@pytest.fixture(scope='session')
+def tfds_dir():
+  """A TFDS data_dir holding captioned_shapes/32 and /64, generated once (under a lock for parallel workers)."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  from latent_diffusion.data import captioned_shapes  # pylint: disable=unused-import
+  tf.config.set_visible_devices([], 'GPU')
+  TEST_DATA_DIR.mkdir(parents=True, exist_ok=True)
+  with open(TEST_DATA_DIR / '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    for name in ('captioned_shapes/32', 'captioned_shapes/64'):
+      tfds.builder(name, data_dir=str(TEST_DATA_DIR)).download_and_prepare()
+  return str(TEST_DATA_DIR)

@@ -1,0 +1,106 @@
+"""The entry point and configs: stage reporting, config.json, refusal of incompatible workdirs, bad flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from latent_diffusion import config_lib
+from latent_diffusion import stages
+from latent_diffusion import workdir as workdir_lib
+from configs import txt2img
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(*args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.run([sys.executable, '-m', 'latent_diffusion.main', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_all_stages_reports_what_is_not_built_and_writes_the_config(tmp_path):
+  result = main('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}')
+  assert result.returncode == 0, result.stderr
+  assert 'stage autoencoder  not built yet' in result.stdout
+  assert 'stage eval         skipped (needs autoencoder)' in result.stdout
+  assert 'not built yet (issue #3)' in result.stderr
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['data']['name'] == 'captioned_shapes/32'
+  assert saved['autoencoder']['model']['z_channels'] == 3
+
+  changed = main('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}', '--config.data.resolution=64',
+                 '--config.ldm.unet.model_channels=96')
+  assert changed.returncode != 0
+  assert 'data.resolution: 32 (workdir) != 64 (now)' in changed.stderr
+  assert 'ldm.unet.model_channels: 64 (workdir) != 96 (now)' in changed.stderr
+  assert json.loads((tmp_path / 'config.json').read_text()) == saved  # nothing overwritten
+
+  harmless = main('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}', '--config.ldm.total_steps=10')
+  assert harmless.returncode == 0, harmless.stderr
+  assert json.loads((tmp_path / 'config.json').read_text())['ldm']['total_steps'] == 10
+
+
+def test_a_stage_that_is_not_built_fails_plainly(tmp_path):
+  result = main('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}', '--stage=sample')
+  assert result.returncode != 0
+  assert "The 'sample' stage is not built yet (issue #5); nothing was run for it." in result.stderr
+  assert not (tmp_path / 'samples').exists()
+
+
+def test_misspelt_override_and_unknown_stage_are_errors(tmp_path):
+  result = main('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}', '--config.data.resolutoin=64')
+  assert result.returncode != 0 and 'resolutoin' in result.stderr
+  result = main('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}', '--stage=train')
+  assert result.returncode != 0 and 'stage' in result.stderr
+  assert not (tmp_path / 'config.json').exists()
+
+
+def test_incompatible_fields_ignore_mutable_ones():
+  old = txt2img.get_config('smoke').to_dict()
+  new = txt2img.get_config('smoke')
+  new.data.data_dir = '/elsewhere'
+  new.sampling.guidance_scale = 7.0
+  new.ldm.total_steps = 5
+  assert workdir_lib.incompatible_fields(old, new.to_dict()) == []
+  new.data.random_flip = True
+  new.autoencoder.model.ch_mult = (1, 2)
+  assert workdir_lib.incompatible_fields(old, new.to_dict()) == [
+      ('autoencoder.model.ch_mult', (1, 2, 4), (1, 2)), ('data.random_flip', False, True)]
+
+
+def test_config_arguments():
+  default = txt2img.get_config()
+  assert default.ldm.unet.model_channels == 320 and default.ldm.unet.channel_mult == (1, 2, 4, 4)
+  assert default.ldm.unet.attention_resolutions == (4, 2, 1) and default.ldm.unet.context_dim == 1280
+  assert (default.ldm.conditioning.depth, default.ldm.conditioning.width) == (32, 1280)
+  assert (default.ldm.schedule.beta_start, default.ldm.schedule.beta_end) == (0.00085, 0.012)
+  assert default.autoencoder.name == 'kl-f8' and default.latents.scale_factor == 0.18215
+  vq = txt2img.get_config('smoke,ae=vq-f4')
+  assert vq.autoencoder.model.kind == 'vq' and vq.autoencoder.loss.codebook_weight == 1.0
+  with pytest.raises(ValueError, match="Unknown config argument 'smok'"):
+    txt2img.get_config('smok')
+  with pytest.raises(ValueError, match="Unknown autoencoder 'kl-f5'"):
+    txt2img.get_config('ae=kl-f5')
+
+
+@pytest.mark.parametrize('name', sorted(config_lib.AUTOENCODERS))
+def test_autoencoder_table_matches_the_paper(name):
+  c = config_lib.autoencoder(name)
+  factor = int(name.split('-f')[1])
+  assert 2 ** (len(c.model.ch_mult) - 1) == factor
+  assert (c.model.ch, c.model.num_res_blocks, c.model.dropout) == (128, 2, 0.0)
+  expected = {'kl-f4': 3, 'kl-f8': 4, 'kl-f16': 16, 'kl-f32': 64, 'vq-f4': 3, 'vq-f8': 4, 'vq-f16': 8}
+  assert c.model.z_channels == expected[name]
+  if name.startswith('vq'):
+    assert c.model.n_embed == (8192 if name == 'vq-f4' else 16384)
+  else:
+    assert (c.loss.disc_start, c.loss.disc_weight, c.loss.kl_weight) == (50001, 0.5, 1e-6)
+
+
+def test_stage_names_are_the_pipeline_order():
+  assert stages.STAGES == ('autoencoder', 'latents', 'ldm', 'sample', 'eval')
+  with pytest.raises(ValueError, match="Unknown stage 'train'"):
+    stages.run('train', None, '/tmp')

@@ -1,0 +1,67 @@
+"""Mesh creation, logical-axis sharding rules and sharded state creation on 8 simulated devices."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+from latent_diffusion import parallel
+from latent_diffusion.training import train_state
+
+
+class TinyMLP(nn.Module):
+  """Dense layers whose kernels carry logical axis names, as every model of the project does."""
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ('embed', 'mlp'))
+    x = nn.Dense(16, kernel_init=init, bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('mlp',)))(x)
+    init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ('mlp', 'embed'))
+    return nn.Dense(8, kernel_init=init, use_bias=False)(nn.gelu(x))
+
+
+def test_mesh_fills_minus_one_and_rejects_mismatches():
+  mesh = parallel.create_mesh(dict(data=-1, fsdp=2, tensor=1))
+  assert dict(mesh.shape) == {'data': 4, 'fsdp': 2, 'tensor': 1}
+  with pytest.raises(ValueError, match='needs 16 devices but 8 are present'):
+    parallel.create_mesh(dict(data=4, fsdp=2, tensor=2))
+  with pytest.raises(ValueError, match='at most one -1'):
+    parallel.create_mesh(dict(data=-1, fsdp=-1, tensor=1))
+  with pytest.raises(ValueError, match='does not divide the 8 devices'):
+    parallel.create_mesh(dict(data=-1, fsdp=3, tensor=1))
+
+
+def test_logical_rules_map_to_mesh_axes_and_drop_what_does_not_divide():
+  mesh = parallel.create_mesh(dict(data=2, fsdp=2, tensor=2))
+  assert parallel.logical_sharding(('embed', 'mlp'), (8, 16), mesh).spec == P('fsdp', 'tensor')
+  assert parallel.logical_sharding(('embed', 'mlp'), (7, 16), mesh).spec == P(None, 'tensor')
+  assert parallel.logical_sharding(('batch', None), (8, 3), mesh).spec == P(('data', 'fsdp'), None)
+  assert parallel.logical_sharding(('batch',), (6,), mesh).spec == P(None)
+  assert parallel.logical_sharding((), (4, 4), mesh).spec == P(None, None)
+  # An axis is used at most once per array.
+  assert parallel.logical_sharding(('embed', 'conv_in'), (8, 8), mesh).spec == P('fsdp', None)
+
+
+def test_sharded_state_equals_single_device_state_and_follows_the_rules():
+  model = TinyMLP()
+  tx = optax.adam(1e-3)
+
+  def init(rng):
+    params = model.init(rng, jnp.ones((1, 8)))['params']
+    return train_state.TrainState.create(params, tx, ema_max_decay=0.999)
+
+  rng = jax.random.PRNGKey(0)
+  mesh8 = parallel.create_mesh(dict(data=2, fsdp=2, tensor=2))
+  mesh1 = parallel.create_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+  state8, shardings = parallel.create_sharded(init, mesh8, rng)
+  state1, _ = parallel.create_sharded(init, mesh1, rng)
+  kernel = state8.params['Dense_0']['kernel']
+  assert kernel.sharding.spec == P('fsdp', 'tensor')
+  assert shardings.opt_state[0].mu['Dense_0']['kernel'].spec == P('fsdp', 'tensor')
+  assert state8.ema_params['Dense_1']['kernel'].sharding.spec == P('tensor', 'fsdp')
+  assert {s.data.shape for s in kernel.addressable_shards} == {(4, 8)}
+  for a, b in zip(jax.tree.leaves(state8), jax.tree.leaves(state1)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
