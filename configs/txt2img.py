@@ -21,7 +21,6 @@ def get_config(arg=None):
   c.data = config_lib.data('captioned_shapes/256', 256)
   # The smoke run uses KL-f4: 32 px images give 8x8 latents, enough for shapes and positions.
   c.autoencoder = config_lib.autoencoder(arg.ae or ('kl-f4' if arg.smoke else 'kl-f8'), smoke=arg.smoke)
-  c.autoencoder.train_schedule = config_lib.train_schedule(log_every=100, checkpoint_every=5000, eval_every=5000)
 
   # The latent store: posterior moments of every training image, encoded once by the frozen stage 1.
   c.latents = ml_collections.ConfigDict(dict(
@@ -31,14 +30,15 @@ def get_config(arg=None):
   c.ldm = ml_collections.ConfigDict()
   c.ldm.unet = ml_collections.ConfigDict(dict(
       model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(4, 2, 1),
-      num_heads=8, transformer_depth=1, context_dim=1280, dropout=0.0))
-  # The paper's BERTEmbedder role: a transformer trained jointly with the UNet.
+      num_heads=8, transformer_depth=1, dropout=0.0))
+  # The paper's BERTEmbedder role: a transformer trained jointly with the UNet; its width is the context dim.
   c.ldm.conditioning = ml_collections.ConfigDict(dict(
       kind='text', tokenizer='bytes', vocab_file='', max_length=77, width=1280, depth=32, num_heads=8))
   c.ldm.schedule = ml_collections.ConfigDict(dict(
       kind='scaled_linear', num_timesteps=1000, beta_start=0.00085, beta_end=0.012))
   c.ldm.parameterization = 'eps'
   c.ldm.loss = 'l2'
+  c.ldm.min_snr_gamma = 0.0  # > 0: min-SNR loss weighting (Hang et al. 2023), an addition
   c.ldm.p_uncond = 0.1  # Condition dropout for classifier-free guidance.
   c.ldm.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=10_000, weight_decay=0.0, grad_clip=1.0))
@@ -56,10 +56,9 @@ def get_config(arg=None):
 
   if arg.smoke:
     c.data = config_lib.data('captioned_shapes/32', 32)
-    c.autoencoder.train_schedule = config_lib.train_schedule(log_every=50, checkpoint_every=500, eval_every=500)
     c.latents.update(examples_per_shard=5_000, batch_size=256, scale_factor=0.0)
     c.ldm.unet.update(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
-                      num_heads=4, context_dim=128)
+                      num_heads=4)
     c.ldm.conditioning.update(max_length=96, width=128, depth=2, num_heads=4)
     c.ldm.optimizer.update(learning_rate=5e-4, warmup_steps=100)
     c.ldm.batch_size = 64

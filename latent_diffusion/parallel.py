@@ -120,6 +120,12 @@ def sync(name):
     multihost_utils.sync_global_devices(name)
 
 
+def to_host_local(tree, mesh):
+  """This host's rows of batch-sharded global arrays, as numpy (the inverse of make_array_from_process_local_data)."""
+  local = multihost_utils.global_array_to_host_local_array(tree, mesh, P(BATCH_AXES))
+  return jax.tree.map(np.asarray, local)
+
+
 def to_host(tree):
   """Gathers a pytree of (possibly sharded, multi-host) arrays into full numpy arrays on every host."""
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

@@ -1,12 +1,15 @@
 """The five pipeline stages in order, and running them: `all` runs every stage that is not done yet."""
 
+import importlib
+
 from absl import logging
 
 STAGES = ('autoencoder', 'latents', 'ldm', 'sample', 'eval')
 # Stages whose implementation has not landed yet, with the issue that builds each.
-NOT_BUILT = {'autoencoder': 3, 'latents': 4, 'ldm': 4, 'sample': 5, 'eval': 6}
-# Built stages register here: name -> module with `is_done(config, workdir)` and `run(config, workdir)`.
-_BUILT = {}
+NOT_BUILT = {'sample': 5, 'eval': 6}
+# Built stages: name -> module with `is_done(config, workdir)` and `run(config, workdir)`, imported when used.
+_BUILT = {'autoencoder': 'latent_diffusion.training.autoencoder', 'latents': 'latent_diffusion.training.latents',
+          'ldm': 'latent_diffusion.training.ldm'}
 
 
 class StageNotBuiltError(RuntimeError):
@@ -28,7 +31,7 @@ def run(stage, config, workdir):
       report[name] = 'not built yet'
       report.update({n: f'skipped (needs {name})' for n in later})
       break
-    module = _BUILT[name]
+    module = importlib.import_module(_BUILT[name])
     if stage == 'all' and module.is_done(config, workdir):
       report[name] = 'already done'
       continue

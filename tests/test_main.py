@@ -21,25 +21,30 @@ def main(*args):
                         capture_output=True, text=True, timeout=300)
 
 
-def test_all_stages_reports_what_is_not_built_and_writes_the_config(tmp_path):
-  result = main('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}')
+TINY_AUTOENCODER = ('--config.autoencoder.total_steps=2', '--config.autoencoder.model.ch_mult=(1,2)',
+                    '--config.autoencoder.batch_size=8', '--config.autoencoder.eval.num_images=8')
+
+
+def test_a_stage_writes_the_config_and_incompatible_reruns_are_refused(tmp_path, tfds_dir):
+  smoke = ('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}', f'--config.data.data_dir={tfds_dir}',
+           '--stage=autoencoder', *TINY_AUTOENCODER)
+  result = main(*smoke)
   assert result.returncode == 0, result.stderr
-  assert 'stage autoencoder  not built yet' in result.stdout
-  assert 'stage eval         skipped (needs autoencoder)' in result.stdout
-  assert 'not built yet (issue #3)' in result.stderr
+  assert 'stage autoencoder  ran' in result.stdout
+  assert (tmp_path / 'autoencoder' / 'checkpoints' / '2').is_dir()
   saved = json.loads((tmp_path / 'config.json').read_text())
   assert saved['data']['name'] == 'captioned_shapes/32'
   assert saved['autoencoder']['model']['z_channels'] == 3
 
-  changed = main('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}', '--config.data.resolution=64',
-                 '--config.ldm.unet.model_channels=96')
+  changed = main(*smoke, '--config.data.resolution=64', '--config.ldm.unet.model_channels=96')
   assert changed.returncode != 0
   assert 'data.resolution: 32 (workdir) != 64 (now)' in changed.stderr
   assert 'ldm.unet.model_channels: 64 (workdir) != 96 (now)' in changed.stderr
   assert json.loads((tmp_path / 'config.json').read_text()) == saved  # nothing overwritten
 
-  harmless = main('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}', '--config.ldm.total_steps=10')
+  harmless = main(*smoke, '--config.ldm.total_steps=10')
   assert harmless.returncode == 0, harmless.stderr
+  assert 'from step 2 to 2' in harmless.stderr  # resumed, nothing left to train
   assert json.loads((tmp_path / 'config.json').read_text())['ldm']['total_steps'] == 10
 
 
@@ -74,7 +79,7 @@ def test_incompatible_fields_ignore_mutable_ones():
 def test_config_arguments():
   default = txt2img.get_config()
   assert default.ldm.unet.model_channels == 320 and default.ldm.unet.channel_mult == (1, 2, 4, 4)
-  assert default.ldm.unet.attention_resolutions == (4, 2, 1) and default.ldm.unet.context_dim == 1280
+  assert default.ldm.unet.attention_resolutions == (4, 2, 1) and default.ldm.conditioning.width == 1280
   assert (default.ldm.conditioning.depth, default.ldm.conditioning.width) == (32, 1280)
   assert (default.ldm.schedule.beta_start, default.ldm.schedule.beta_end) == (0.00085, 0.012)
   assert default.autoencoder.name == 'kl-f8' and default.latents.scale_factor == 0.18215

@@ -75,16 +75,22 @@ def train_iterator(config, global_batch_size, *, seed, start_step=0, split=None)
   return ds.as_numpy_iterator()
 
 
-def eval_iterator(config, global_batch_size, *, split=None, num_examples=None):
-  """One ordered pass over (the first `num_examples` of) this host's share of a split, as full batches.
+def num_host_examples(config, split):
+  """How many examples of `split` this host reads."""
+  return sources.create_source(config, split, process_index=jax.process_index(),
+                               process_count=jax.process_count()).num_examples
 
-  The last batch is padded by repeating examples; `mask` marks the real ones.
+
+def eval_iterator(config, global_batch_size, *, split=None, num_examples=None, start=0):
+  """One ordered pass over this host's share of a split, from its example `start`, `num_examples` in all
+  (split over the hosts), as full batches. The last batch is padded by repeating examples; `mask` marks the
+  real ones.
   """
   source = sources.create_source(config, split or config.eval_split, process_index=jax.process_index(),
                                  process_count=jax.process_count())
   _check_resolution(source, config.resolution)
   batch_size = _host_batch_size(global_batch_size)
-  records = source.ordered()
+  records = source.ordered().skip(start)
   if num_examples is not None:
     records = records.take(num_examples // jax.process_count())
   ds = _finish(source, records.enumerate(), config, flip=False, seed=0)

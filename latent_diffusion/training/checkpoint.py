@@ -1,8 +1,16 @@
 """Checkpoints of a train state plus JSON metadata with orbax: asynchronous, atomic, keeping the newest N."""
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
+
+
+def latest_saved_step(directory):
+  """The newest step saved under `directory` (orbax renames a checkpoint into place only when complete), or None."""
+  path = epath.Path(directory)
+  steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()] if path.exists() else []
+  return max(steps) if steps else None
 
 
 class Checkpointer:

@@ -1,0 +1,171 @@
+"""The latent store: the frozen first stage's posterior moments (KL) or pre-quantisation latents (VQ) of every
+example, with its conditioning, in `.npz` shards under `WORKDIR/latents/<split>/`, plus `metadata.json`.
+
+Each host writes the shards of its own share of the split; a shard is written under a temporary name and
+renamed when complete, so a restart skips complete shards and a reader never sees a partial one. The store
+records which stage-1 checkpoint made it, and readers refuse a store made by another.
+"""
+
+import io
+import json
+import math
+import os
+import zipfile
+
+from absl import logging
+import jax
+import ml_dtypes
+import numpy as np
+import tensorflow as tf
+
+from latent_diffusion import parallel
+
+METADATA = 'metadata.json'
+DTYPES = {'float16': np.float16, 'bfloat16': ml_dtypes.bfloat16, 'float32': np.float32}
+
+
+def split_dir(workdir, split):
+  return os.path.join(workdir, 'latents', split)
+
+
+def shard_name(process, index):
+  return f'shard-p{process:03d}-{index:05d}.npz'
+
+
+def read_metadata(directory):
+  path = os.path.join(directory, METADATA)
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
+def check_source(metadata, autoencoder_step, directory):
+  """Refuses a store that another stage-1 checkpoint made."""
+  if metadata['autoencoder_step'] != autoencoder_step:
+    raise ValueError(
+        f'The latent store {directory} was made by the stage-1 checkpoint at step {metadata["autoencoder_step"]}, '
+        f'but the configured autoencoder is at step {autoencoder_step}. Delete {directory} to re-encode, or '
+        'use the stage-1 checkpoint that made it.')
+
+
+def write_shard(directory, name, arrays):
+  """np.savez to a temporary name, then rename: the shard appears only when complete."""
+  tmp = os.path.join(directory, name + '.tmp')
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  with tf.io.gfile.GFile(tmp, 'wb') as f:
+    f.write(buffer.getvalue())
+  tf.io.gfile.rename(tmp, os.path.join(directory, name), overwrite=True)
+
+
+def _shard_complete(directory, name):
+  """A shard counts only if it exists and opens as a complete npz."""
+  path = os.path.join(directory, name)
+  if not tf.io.gfile.exists(path):
+    return False
+  try:
+    _read_npz(path)
+    return True
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    logging.warning('Latent shard %s is unreadable (%s); it will be rewritten.', path, e)
+    return False
+
+
+def _read_npz(path):
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    with np.load(io.BytesIO(f.read())) as data:
+      return {k: data[k] for k in data.files}
+
+
+def _all_hosts(flag):
+  """True only if `flag` holds on every host (so that hosts skip the same shards, in lockstep)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.all(parallel.to_host(np.array([flag]))))
+
+
+def write_shards(directory, *, num_examples, examples_per_shard, encode_batches, dtype):
+  """Writes this host's shards of a split, skipping those complete on every host; `encode_batches(start,
+  count)` yields host-local dicts of arrays (`latent` plus conditioning) for examples [start, start + count)
+  of this host's share. Returns the names of all hosts' shards."""
+  tf.io.gfile.makedirs(directory)
+  num_shards = math.ceil(num_examples / examples_per_shard)
+  for index in range(num_shards):
+    name = shard_name(jax.process_index(), index)
+    if _all_hosts(_shard_complete(directory, name)):
+      logging.info('Latent shard %s/%s is complete; skipped.', directory, name)
+      continue
+    start = index * examples_per_shard
+    count = min(examples_per_shard, num_examples - start)
+    parts = list(encode_batches(start, count))
+    arrays = {k: np.concatenate([p[k] for p in parts])[:count] for k in parts[0]}
+    arrays['latent'] = arrays['latent'].astype(DTYPES[dtype])
+    if dtype == 'bfloat16':
+      arrays['latent'] = arrays['latent'].view(np.uint16)  # npz has no bfloat16; metadata records the dtype
+    write_shard(directory, name, arrays)
+    logging.info('Wrote latent shard %s/%s (%d examples).', directory, name, count)
+  parallel.sync('latent_store.write_shards')
+  return sorted(shard_name(p, i) for p in range(jax.process_count()) for i in range(num_shards))
+
+
+def write_metadata(directory, metadata):
+  """Written last, by one host: its presence with every listed shard marks the split complete."""
+  if parallel.is_main_process():
+    tmp = os.path.join(directory, METADATA + '.tmp')
+    with tf.io.gfile.GFile(tmp, 'w') as f:
+      json.dump(metadata, f, indent=2)
+    tf.io.gfile.rename(tmp, os.path.join(directory, METADATA), overwrite=True)
+  parallel.sync('latent_store.metadata')
+
+
+def is_complete(directory):
+  """Every shard that the metadata lists exists."""
+  metadata = read_metadata(directory)
+  return bool(metadata) and all(tf.io.gfile.exists(os.path.join(directory, n)) for n in metadata['shards'])
+
+
+def read_shard(directory, name, dtype):
+  """One shard as {key: array}, its latents as float32."""
+  arrays = _read_npz(os.path.join(directory, name))
+  latent = arrays['latent']
+  arrays['latent'] = (latent.view(ml_dtypes.bfloat16) if dtype == 'bfloat16' else latent).astype(np.float32)
+  return arrays
+
+
+def load(directory):
+  """All examples of a complete store, in shard order: ({key: array}, metadata); latents as float32."""
+  if not is_complete(directory):
+    raise ValueError(f'The latent store {directory} is missing or incomplete; run the `latents` stage.')
+  metadata = read_metadata(directory)
+  parts = [read_shard(directory, name, metadata['dtype']) for name in metadata['shards']]
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, metadata
+
+
+class LatentBatches:
+  """Endless host-local batches from a loaded store, in an order fixed by the seed: epoch e is the permutation
+  `default_rng([seed, e])` of this host's slice, so starting at step k gives the batches of an uninterrupted run."""
+
+  def __init__(self, arrays, global_batch_size, *, seed, start_step=0):
+    n = len(arrays['latent']) // jax.process_count()
+    if n == 0:
+      raise ValueError('The latent store has fewer examples than hosts.')
+    host = slice(jax.process_index() * n, (jax.process_index() + 1) * n)
+    self.arrays = {k: v[host] for k, v in arrays.items()}
+    self.batch_size = global_batch_size // jax.process_count()
+    self.seed, self.position, self.num_examples = seed, start_step * self.batch_size, n
+
+  def _order(self, epoch):
+    return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    indices = []
+    while len(indices) < self.batch_size:
+      epoch, offset = divmod(self.position, self.num_examples)
+      take = min(self.batch_size - len(indices), self.num_examples - offset)
+      indices.extend(self._order(epoch)[offset:offset + take])
+      self.position += take
+    return {k: v[np.asarray(indices)] for k, v in self.arrays.items()}

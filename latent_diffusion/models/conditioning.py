@@ -1,0 +1,130 @@
+"""Conditioning encoders: tokenizers, the text transformer trained jointly with the UNet (the paper's
+BERTEmbedder role), and the class embedder with a null class for classifier-free guidance."""
+
+import collections
+import unicodedata
+
+import flax.linen as nn
+from etils import epath
+import jax.numpy as jnp
+import numpy as np
+
+from latent_diffusion.models import attention as attention_lib
+from latent_diffusion.models import layers
+
+
+class ByteTokenizer:
+  """UTF-8 bytes + 1 (0 pads): works offline for any text; the default for configs that train from scratch."""
+  vocab_size = 257
+
+  def __call__(self, texts, max_length):
+    ids = np.zeros((len(texts), max_length), np.int32)
+    for row, text in enumerate(texts):
+      encoded = np.frombuffer(_as_bytes(text), np.uint8)[:max_length].astype(np.int32) + 1
+      ids[row, :len(encoded)] = encoded
+    return ids
+
+
+def _as_bytes(text):
+  return text if isinstance(text, bytes) else text.encode('utf-8')
+
+
+class WordPieceTokenizer:
+  """BERT's uncased WordPiece ([CLS] tokens [SEP], 0 = [PAD]) from a `vocab.txt`, as the paper's BERT tokenizer."""
+
+  def __init__(self, vocab_file):
+    path = epath.Path(vocab_file) if vocab_file else None
+    if path is None or not path.exists():
+      raise FileNotFoundError(
+          f'WordPiece vocabulary {str(path)!r} not found (ldm.conditioning.vocab_file). Use the vocab.txt of '
+          "bert-base-uncased (from its model folder), or set ldm.conditioning.tokenizer='bytes'.")
+    self.vocab = collections.OrderedDict((line.rstrip('\n'), i) for i, line in enumerate(
+        path.read_text().splitlines(keepends=True)))
+    self.vocab_size = len(self.vocab)
+    self.pad, self.cls, self.sep, self.unk = (self.vocab[t] for t in ('[PAD]', '[CLS]', '[SEP]', '[UNK]'))
+
+  def _words(self, text):
+    text = unicodedata.normalize('NFD', text.lower())
+    text = ''.join(c for c in text if unicodedata.category(c) != 'Mn')
+    words, current = [], ''
+    for char in text:
+      if char.isspace() or _is_punctuation(char):
+        words += [current] if current else []
+        words += [char] if not char.isspace() else []
+        current = ''
+      else:
+        current += char
+    return words + ([current] if current else [])
+
+  def _word_pieces(self, word):
+    pieces, start = [], 0
+    while start < len(word):
+      end = len(word)
+      while end > start and (('##' if start else '') + word[start:end]) not in self.vocab:
+        end -= 1
+      if end == start:
+        return [self.unk]
+      pieces.append(self.vocab[('##' if start else '') + word[start:end]])
+      start = end
+    return pieces
+
+  def __call__(self, texts, max_length):
+    ids = np.full((len(texts), max_length), self.pad, np.int32)
+    for row, text in enumerate(texts):
+      text = text.decode('utf-8') if isinstance(text, bytes) else text
+      tokens = [self.cls] + [p for w in self._words(text) for p in self._word_pieces(w)][:max_length - 2]
+      tokens.append(self.sep)
+      ids[row, :len(tokens)] = tokens
+    return ids
+
+
+def _is_punctuation(char):
+  code = ord(char)
+  return 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126 or (
+      unicodedata.category(char).startswith('P'))
+
+
+def create_tokenizer(conditioning_config):
+  if conditioning_config.tokenizer == 'bytes':
+    return ByteTokenizer()
+  if conditioning_config.tokenizer == 'wordpiece':
+    return WordPieceTokenizer(conditioning_config.vocab_file)
+  raise ValueError(f"ldm.conditioning.tokenizer='{conditioning_config.tokenizer}' is not 'bytes' or 'wordpiece'.")
+
+
+class TextTransformer(nn.Module):
+  """Token + learned position embeddings -> depth pre-LN transformer layers -> LayerNorm: [B, L] ids -> [B, L, width]."""
+  vocab_size: int
+  max_length: int
+  width: int
+  depth: int
+  num_heads: int
+  attention: str = 'xla'
+
+  @nn.compact
+  def __call__(self, ids):
+    embed_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ('vocab', 'embed'))
+    x = nn.Embed(self.vocab_size, self.width, embedding_init=embed_init, name='token_emb')(ids)
+    x = x + self.param('pos_emb', nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, 'embed')),
+                       (self.max_length, self.width))[None, :ids.shape[1]]
+    head_dim = self.width // self.num_heads
+    for i in range(self.depth):
+      h = layers.layer_norm(name=f'layer_{i}_norm1')(x)
+      qkv = layers.dense(3 * self.width, ('embed', 'heads'), name=f'layer_{i}_qkv')(h)
+      q, k, v = (a.reshape(a.shape[:2] + (self.num_heads, head_dim)) for a in jnp.split(qkv, 3, axis=-1))
+      h = attention_lib.attention(q, k, v, self.attention).reshape(x.shape)
+      x = x + layers.dense(self.width, ('heads', 'embed'), name=f'layer_{i}_out')(h)
+      h = layers.dense(4 * self.width, ('embed', 'mlp'), name=f'layer_{i}_ff1')(layers.layer_norm(name=f'layer_{i}_norm2')(x))
+      x = x + layers.dense(self.width, ('mlp', 'embed'), name=f'layer_{i}_ff2')(nn.gelu(h, approximate=False))
+    return layers.layer_norm(name='final_norm')(x)
+
+
+class ClassEmbedder(nn.Module):
+  """Class ids [B] -> a one-token context [B, 1, dim]; the last id (num_classes - 1) is the null class."""
+  num_classes: int
+  dim: int
+
+  @nn.compact
+  def __call__(self, labels):
+    init = nn.with_logical_partitioning(nn.initializers.normal(1.0), ('vocab', 'embed'))
+    return nn.Embed(self.num_classes, self.dim, embedding_init=init, name='embedding')(labels)[:, None]

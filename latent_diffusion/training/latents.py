@@ -1,0 +1,73 @@
+"""The `latents` stage: encodes every example of the configured splits once with the frozen first stage."""
+
+import jax
+import numpy as np
+
+from latent_diffusion import parallel
+from latent_diffusion.data import input_pipeline
+from latent_diffusion.data import latent_store
+from latent_diffusion.training import autoencoder as autoencoder_stage
+from latent_diffusion.training import checkpoint
+
+
+def is_done(config, workdir):
+  """Every split is complete and made by the newest stage-1 checkpoint (a stale store is not done: `run`
+  then refuses it rather than mixing latents of two autoencoders)."""
+  ae_step = checkpoint.latest_saved_step(autoencoder_stage.checkpoint_dir(workdir))
+  for split in config.latents.splits:
+    directory = latent_store.split_dir(workdir, split)
+    if not latent_store.is_complete(directory) or latent_store.read_metadata(directory)['autoencoder_step'] != ae_step:
+      return False
+  return True
+
+
+def measure_scale(arrays, kind, seed=0):
+  """Local (sum, sum of squares, count) of z: sampled from the KL posterior moments, or the VQ latent itself."""
+  latent = arrays['latent'].astype(np.float64)
+  if kind == 'kl':
+    mean, logvar = np.split(latent, 2, axis=-1)
+    latent = mean + np.exp(0.5 * np.clip(logvar, -30, 20)) * np.random.default_rng(seed).normal(size=mean.shape)
+  return np.array([latent.sum(), (latent**2).sum(), latent.size])
+
+
+def run(config, workdir):
+  """Writes WORKDIR/latents/<split>/ for each of `latents.splits`; restarts skip complete shards."""
+  mesh = parallel.create_mesh(config.mesh)
+  batch_size = config.latents.batch_size
+  parallel.check_batch_size(batch_size, mesh)
+  model, params, ae_step = autoencoder_stage.load_trained(config, workdir, mesh)
+  encode = jax.jit(lambda p, x: model.apply({'params': p}, x, method='encode'))
+  kind = config.autoencoder.model.kind
+  for split in config.latents.splits:
+    directory = latent_store.split_dir(workdir, split)
+    existing = latent_store.read_metadata(directory)
+    if existing:
+      latent_store.check_source(existing, ae_step, directory)
+
+    def encode_batches(start, count, split=split):
+      for batch in input_pipeline.eval_iterator(config.data, batch_size, split=split, start=start,
+                                                num_examples=count * jax.process_count()):
+        x = input_pipeline.to_global({'image': batch['image']}, mesh)['image']
+        latent = parallel.to_host_local(encode(params, x), mesh)
+        keep = batch['mask']
+        conditioning = {k: batch[k][keep] for k in ('caption', 'label') if k in batch}
+        if 'caption' in conditioning:
+          conditioning['caption'] = conditioning['caption'].astype(np.bytes_)  # npz stores no objects
+        yield {'latent': latent[keep], **conditioning}
+
+    num_examples = input_pipeline.num_host_examples(config.data, split)
+    names = latent_store.write_shards(
+        directory, num_examples=num_examples,
+        examples_per_shard=config.latents.examples_per_shard, encode_batches=encode_batches,
+        dtype=config.latents.dtype)
+    first = latent_store.read_shard(directory, latent_store.shard_name(jax.process_index(), 0),
+                                    config.latents.dtype)
+    scale = config.latents.scale_factor
+    if scale <= 0:  # scale_by_std: 1 / std(z) over the first shard of every host
+      total, squares, count = parallel.to_host(measure_scale(first, kind)[None]).sum(0)
+      scale = float(1.0 / np.sqrt(squares / count - (total / count) ** 2))
+    latent_store.write_metadata(directory, {
+        'split': split, 'kind': kind, 'autoencoder_step': ae_step, 'scale_factor': scale,
+        'examples_per_shard': config.latents.examples_per_shard, 'shards': names,
+        'count': num_examples * jax.process_count(), 'shape': list(first['latent'].shape[1:]),
+        'autoencoder': config.autoencoder.model.to_dict(), 'dtype': config.latents.dtype})
