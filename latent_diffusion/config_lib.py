@@ -84,6 +84,68 @@ def autoencoder(name, *, smoke=False):
   return c
 
 
+# The reference's "linear" schedule ends (betas = linspace(sqrt(b0), sqrt(b1), T)^2) per model family.
+SCHEDULE_ENDS = {'txt2img': (0.00085, 0.012), 'default': (0.0015, 0.0195), 'inpainting': (0.0015, 0.0205)}
+
+
+def latents(**overrides):
+  """The `latents` section: which splits to encode, how to store them, the latent scale (0 = 1/std(z))."""
+  c = ml_collections.ConfigDict(dict(
+      splits=('train',), dtype='bfloat16', examples_per_shard=10_000, batch_size=256, scale_factor=0.0))
+  c.update(overrides)
+  return c
+
+
+def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, total_steps, warmup_steps=10_000):
+  """The `ldm` section: UNet, conditioning encoder, noise schedule, objective, optimizer, EMA and steps."""
+  c = ml_collections.ConfigDict()
+  c.unet = ml_collections.ConfigDict(dict(
+      model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(4, 2, 1),
+      num_heads=8, num_head_channels=-1, transformer_depth=1, dropout=0.0, use_scale_shift_norm=False,
+      resblock_updown=False))
+  c.unet.update(unet)
+  c.conditioning = ml_collections.ConfigDict(dict(
+      kind='none', tokenizer='bytes', vocab_file='', max_length=77, width=512, depth=0, num_heads=8,
+      num_classes=0))
+  c.conditioning.update(conditioning)
+  beta_start, beta_end = SCHEDULE_ENDS[schedule]
+  c.schedule = ml_collections.ConfigDict(dict(
+      kind='scaled_linear', num_timesteps=1000, beta_start=beta_start, beta_end=beta_end))
+  c.parameterization = 'eps'
+  c.loss = 'l2'
+  c.min_snr_gamma = 0.0  # > 0: min-SNR loss weighting (Hang et al. 2023), an addition
+  c.p_uncond = 0.1 if c.conditioning.kind != 'none' else 0.0  # condition dropout for classifier-free guidance
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=learning_rate, warmup_steps=warmup_steps, weight_decay=0.0, grad_clip=1.0))
+  c.batch_size = batch_size
+  c.total_steps = total_steps
+  c.ema_decay = 0.9999
+  c.train_schedule = train_schedule(log_every=100, checkpoint_every=5000, eval_every=20_000)
+  return c
+
+
+def evaluation(num_samples):
+  return ml_collections.ConfigDict(dict(num_samples=num_samples, reference_stats='', batch_size=64))
+
+
+def shrink_for_smoke(c):
+  """Shrinks a pipeline config in place to run end to end on a 2-core CPU on captioned_shapes/32 (with a smoke
+  autoencoder: 8x8 latents). Sections keep their keys, so a smoke run exercises the full-size code paths."""
+  c.data = data('captioned_shapes/32', 32)
+  c.latents.update(examples_per_shard=5_000, batch_size=256, scale_factor=0.0)
+  c.ldm.unet.update(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+                    num_heads=4, num_head_channels=-1)
+  c.ldm.conditioning.update(width=128, num_heads=4)
+  c.ldm.optimizer.update(learning_rate=5e-4, warmup_steps=100)
+  c.ldm.batch_size = 64
+  c.ldm.total_steps = 2000
+  c.ldm.ema_decay = 0.999
+  c.ldm.train_schedule = train_schedule(log_every=50, checkpoint_every=500, eval_every=1000)
+  c.sampling.update(num_steps=50, batch_size=32)
+  c.eval.update(num_samples=1000)
+  return c
+
+
 def mesh():
   """All devices on the data axis; set fsdp/tensor to shard large models."""
   return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -100,5 +162,19 @@ def data(name, resolution, **overrides):
       name=name, folder='', data_dir='', resolution=resolution, train_split='train',
       eval_split='validation', image_key='image', caption_key='caption', label_key='label',
       random_flip=False, shuffle_block=10_000, prefetch=2))
+  c.update(overrides)
+  return c
+
+
+def sampling(**overrides):
+  """The `sampling` section: what the `sample` stage (and periodic sampling during `ldm`) draws, and how.
+
+  Every guidance scale x condition x seed is drawn; conditions are `prompts` (or the lines of `prompt_file`)
+  for text models and `class_ids` for class-conditional ones. `latent_size` > 0 samples larger latents than
+  the training ones. `batch_size` must divide by the mesh's batch shards.
+  """
+  c = ml_collections.ConfigDict(dict(
+      sampler='ddim', num_steps=50, eta=0.0, guidance_scales=(1.0,), seeds=(0, 1, 2, 3), prompts=(),
+      prompt_file='', class_ids=(), batch_size=8, latent_size=0))
   c.update(overrides)
   return c

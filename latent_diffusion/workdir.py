@@ -6,14 +6,15 @@ from absl import logging
 from etils import epath
 import ml_collections
 
+from latent_diffusion import files
 from latent_diffusion import parallel
 
 # Fields that fix what a workdir's checkpoints, latents and data order mean; changing any corrupts the run.
 IDENTITY_FIELDS = ('seed', 'data', 'autoencoder.name', 'autoencoder.model', 'autoencoder.pretrained',
                    'autoencoder.batch_size', 'latents.dtype', 'latents.scale_factor', 'ldm.unet',
                    'ldm.conditioning', 'ldm.schedule', 'ldm.parameterization', 'ldm.batch_size')
-# Fields under IDENTITY_FIELDS that may change between restarts (where to find data, how fast to read it).
-MUTABLE_FIELDS = ('data.data_dir', 'data.prefetch')
+# Fields under IDENTITY_FIELDS that may change between restarts (where to find files, how fast to read data).
+MUTABLE_FIELDS = ('data.data_dir', 'data.prefetch', 'ldm.conditioning.vocab_file')
 
 
 def flatten(tree, prefix=''):
@@ -59,7 +60,5 @@ def prepare(config: ml_collections.ConfigDict, workdir):
       logging.info('Config fields changed since the last run in %s: %s', workdir, ', '.join(changed))
   if parallel.is_main_process():
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / 'config.json.tmp'
-    tmp.write_text(json.dumps(new, indent=2, sort_keys=True))
-    tmp.replace(path)
+    files.write_atomically(str(path), json.dumps(new, indent=2, sort_keys=True))
   parallel.sync('workdir.prepare')

@@ -94,3 +94,17 @@ def test_same_scene_at_every_resolution():
               for r in cs.RESOLUTIONS}
   assert len(set(captions.values())) == 1
   assert cs.sample_scene('test', 7) != cs.sample_scene('test', 8)
+
+
+def test_shipped_vocabulary_tokenizes_every_caption_word_by_word():
+  from latent_diffusion.models import conditioning  # pylint: disable=g-import-not-at-top
+  with open(cs.VOCAB_FILE) as f:
+    assert f.read().splitlines() == cs.vocabulary()
+  tokenizer = conditioning.WordPieceTokenizer(cs.VOCAB_FILE)
+  captions = [cs.caption_of(cs.sample_scene('train', i)[1]) for i in range(500)]
+  ids = tokenizer(captions, 24)
+  for caption, row in zip(captions, ids):
+    words = caption.split()
+    assert list(row[:len(words) + 2]) == [tokenizer.cls, *(tokenizer.vocab[w] for w in words), tokenizer.sep]
+    assert not np.any(row[len(words) + 2:])
+  assert max(len(c.split()) for c in captions) + 2 == 19  # fits the smoke max_length of 24

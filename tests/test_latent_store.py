@@ -1,14 +1,17 @@
 """The latent store: complete shards only, restart skips finished shards, refusal of another stage-1 checkpoint,
-seed-fixed restartable batches; and the latents -> ldm stages through the entry point."""
+seed-fixed restartable batches; and the autoencoder -> latents -> ldm -> sample stages through the entry point."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from configs import txt2img
 from latent_diffusion.data import latent_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,9 +82,9 @@ def test_latent_batches_are_seed_fixed_permutations_that_restart_exactly():
   assert not np.array_equal(other, full[0])
 
 
-def main(workdir, tfds_dir, *overrides):
+def main(workdir, tfds_dir, *overrides, config='txt2img'):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  args = ['--config=configs/txt2img.py:smoke', f'--workdir={workdir}', f'--config.data.data_dir={tfds_dir}',
+  args = [f'--config=configs/{config}.py:smoke', f'--workdir={workdir}', f'--config.data.data_dir={tfds_dir}',
           '--config.autoencoder.batch_size=8',
           '--config.autoencoder.eval.num_images=8', "--config.latents.splits=('validation',)",
           '--config.latents.examples_per_shard=800', '--config.latents.batch_size=200',
@@ -94,9 +97,12 @@ def main(workdir, tfds_dir, *overrides):
 
 @pytest.mark.slow
 def test_autoencoder_latents_ldm_pipeline_and_refusal(tmp_path, tfds_dir):
-  result = main(tmp_path, tfds_dir, '--config.autoencoder.total_steps=2', '--config.ldm.total_steps=4')
+  steps = ('--config.autoencoder.total_steps=2', '--config.ldm.total_steps=4', '--config.sampling.num_steps=5',
+           '--config.sampling.batch_size=8')
+  result = main(tmp_path, tfds_dir, *steps, '--config.sampling.seeds=(0,1)')
   assert result.returncode == 0, result.stderr[-3000:]
-  for stage, outcome in (('autoencoder', 'ran'), ('latents', 'ran'), ('ldm', 'ran'), ('sample', 'not built yet')):
+  for stage, outcome in (('autoencoder', 'ran'), ('latents', 'ran'), ('ldm', 'ran'), ('sample', 'ran'),
+                         ('eval', 'not built yet')):
     assert f'stage {stage:<12} {outcome}' in result.stdout
   store = tmp_path / 'latents' / 'validation'
   metadata = json.loads((store / 'metadata.json').read_text())
@@ -104,8 +110,46 @@ def test_autoencoder_latents_ldm_pipeline_and_refusal(tmp_path, tfds_dir):
   assert len(metadata['shards']) == 3 and metadata['scale_factor'] > 0
   assert (tmp_path / 'ldm' / 'checkpoints' / '4').is_dir()
   assert 'train/loss' in result.stderr
+  assert 'val/prompt_agreement/colour_position' in result.stderr  # periodic sampling at the last ldm step
+
+  # The sample stage: 8 prompts x 2 seeds, each prompt's images together, one 8 x 2 grid; then done.
+  samples = np.load(tmp_path / 'samples' / 'samples.npz')
+  prompts = list(txt2img.SMOKE_PROMPTS)
+  assert samples['images'].dtype == np.uint8 and samples['images'].shape == (16, 32, 32, 3)
+  assert list(samples['prompts']) == [p for p in prompts for _ in range(2)]
+  np.testing.assert_array_equal(samples['seeds'], [0, 1] * 8)
+  assert int(samples['ldm_step']) == 4 and set(samples['guidance_scales']) == {3.0}
+  grid = tf.io.decode_png((tmp_path / 'samples' / 'grid_cfg3.png').read_bytes()).numpy()
+  np.testing.assert_array_equal(grid[32:64, 32:64], samples['images'][3])  # row 1 (prompt 1), column 1 (seed 1)
+  again = main(tmp_path, tfds_dir, *steps, '--config.sampling.seeds=(0,1)')
+  assert f'stage {"sample":<12} already done' in again.stdout
+  # Other seeds are a new request; an image depends only on its prompt and seed, not on its batch.
+  seed_1 = main(tmp_path, tfds_dir, *steps, '--config.sampling.seeds=(1,)', '--stage=sample')
+  assert seed_1.returncode == 0, seed_1.stderr[-3000:]
+  np.testing.assert_array_equal(np.load(tmp_path / 'samples' / 'samples.npz')['images'], samples['images'][1::2])
 
   # Retraining stage 1 makes the stored latents stale: the latents stage refuses them.
   stale = main(tmp_path, tfds_dir, '--config.autoencoder.total_steps=4', '--config.ldm.total_steps=4')
   assert stale.returncode != 0
   assert 'made by the stage-1 checkpoint at step 2' in stale.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('config', ['class_cond', 'uncond'])
+def test_other_configs_run_every_built_stage(tmp_path, tfds_dir, config):
+  result = main(tmp_path, tfds_dir, '--config.autoencoder.total_steps=2', '--config.ldm.total_steps=4',
+                '--config.sampling.num_steps=5', '--config.sampling.batch_size=8', config=config)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for stage in ('autoencoder', 'latents', 'ldm', 'sample'):
+    assert f'stage {stage:<12} ran' in result.stdout
+  losses = [float(v) for v in re.findall(r'train/loss=([0-9.]+)', result.stderr)]
+  assert len(losses) == 3 and all(np.isfinite(losses))  # autoencoder step 2, ldm steps 2 and 4
+  samples = np.load(tmp_path / 'samples' / 'samples.npz')
+  if config == 'class_cond':  # 6 classes x 4 seeds
+    np.testing.assert_array_equal(samples['labels'], np.repeat(range(0, 18, 3), 4))
+    np.testing.assert_array_equal(samples['seeds'], list(range(4)) * 6)
+  else:  # 16 seeds, nothing else
+    assert 'labels' not in samples and 'prompts' not in samples
+    np.testing.assert_array_equal(samples['seeds'], range(16))
+  assert samples['images'].shape == (len(samples['seeds']), 32, 32, 3)
+  assert np.abs(samples['images'][0].astype(int) - samples['images'][1]).mean() > 1  # seeds differ

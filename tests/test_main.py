@@ -49,10 +49,10 @@ def test_a_stage_writes_the_config_and_incompatible_reruns_are_refused(tmp_path,
 
 
 def test_a_stage_that_is_not_built_fails_plainly(tmp_path):
-  result = main('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}', '--stage=sample')
+  result = main('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}', '--stage=eval')
   assert result.returncode != 0
-  assert "The 'sample' stage is not built yet (issue #5); nothing was run for it." in result.stderr
-  assert not (tmp_path / 'samples').exists()
+  assert "The 'eval' stage is not built yet (issue #6); nothing was run for it." in result.stderr
+  assert not (tmp_path / 'eval').exists()
 
 
 def test_misspelt_override_and_unknown_stage_are_errors(tmp_path):
@@ -67,7 +67,7 @@ def test_incompatible_fields_ignore_mutable_ones():
   old = txt2img.get_config('smoke').to_dict()
   new = txt2img.get_config('smoke')
   new.data.data_dir = '/elsewhere'
-  new.sampling.guidance_scale = 7.0
+  new.sampling.guidance_scales = (7.0,)
   new.ldm.total_steps = 5
   assert workdir_lib.incompatible_fields(old, new.to_dict()) == []
   new.data.random_flip = True

@@ -8,6 +8,7 @@ same scenes and building the dataset twice gives identical examples.
 """
 
 import dataclasses
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -73,6 +74,32 @@ class ShapeObject:
 
 def caption_of(objects):
   return ' and '.join(o.description for o in objects)
+
+
+def vocabulary():
+  """A BERT-format WordPiece vocabulary of every caption word (shipped as captioned_shapes_vocab.txt): with it
+  the paper's WordPiece tokenizer reads a caption as one token per word."""
+  words = {'a', 'and', 'in', 'the', *SIZES, *COLOURS, *SHAPES, *' '.join(POSITIONS).split()}
+  return ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', *sorted(words)]
+
+
+VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'captioned_shapes_vocab.txt')
+
+
+def parse_caption(caption):
+  """The inverse of `caption_of` on the words: [(colour, shape, size, position)] of each described object.
+
+  Raises ValueError for text outside the dataset's grammar, so a mistyped prompt is not scored silently.
+  """
+  parsed = []
+  for part in caption.split(' and '):
+    words = part.split()
+    if len(words) < 5 or words[0] != 'a' or words[1] not in SIZES or words[2] not in COLOURS \
+        or words[3] not in SHAPES or ' '.join(words[4:]) not in POSITIONS:
+      raise ValueError(f"'{part}' in the caption '{caption}' is not 'a SIZE COLOUR SHAPE POSITION' with "
+                       f'sizes {SIZE_NAMES}, colours {COLOUR_NAMES}, shapes {SHAPES}, positions {POSITIONS}.')
+    parsed.append((words[2], words[3], words[1], ' '.join(words[4:])))
+  return parsed
 
 
 def _sample_centre(rng, position, radius):

@@ -6,7 +6,6 @@ renamed when complete, so a restart skips complete shards and a reader never see
 records which stage-1 checkpoint made it, and readers refuse a store made by another.
 """
 
-import io
 import json
 import math
 import os
@@ -18,6 +17,7 @@ import ml_dtypes
 import numpy as np
 import tensorflow as tf
 
+from latent_diffusion import files
 from latent_diffusion import parallel
 
 METADATA = 'metadata.json'
@@ -50,13 +50,8 @@ def check_source(metadata, autoencoder_step, directory):
 
 
 def write_shard(directory, name, arrays):
-  """np.savez to a temporary name, then rename: the shard appears only when complete."""
-  tmp = os.path.join(directory, name + '.tmp')
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  with tf.io.gfile.GFile(tmp, 'wb') as f:
-    f.write(buffer.getvalue())
-  tf.io.gfile.rename(tmp, os.path.join(directory, name), overwrite=True)
+  """The shard appears only when complete (temporary name, then rename)."""
+  files.write_npz(os.path.join(directory, name), arrays)
 
 
 def _shard_complete(directory, name):
@@ -65,17 +60,11 @@ def _shard_complete(directory, name):
   if not tf.io.gfile.exists(path):
     return False
   try:
-    _read_npz(path)
+    files.read_npz(path)
     return True
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
     logging.warning('Latent shard %s is unreadable (%s); it will be rewritten.', path, e)
     return False
-
-
-def _read_npz(path):
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    with np.load(io.BytesIO(f.read())) as data:
-      return {k: data[k] for k in data.files}
 
 
 def _all_hosts(flag):
@@ -112,10 +101,7 @@ def write_shards(directory, *, num_examples, examples_per_shard, encode_batches,
 def write_metadata(directory, metadata):
   """Written last, by one host: its presence with every listed shard marks the split complete."""
   if parallel.is_main_process():
-    tmp = os.path.join(directory, METADATA + '.tmp')
-    with tf.io.gfile.GFile(tmp, 'w') as f:
-      json.dump(metadata, f, indent=2)
-    tf.io.gfile.rename(tmp, os.path.join(directory, METADATA), overwrite=True)
+    files.write_atomically(os.path.join(directory, METADATA), json.dumps(metadata, indent=2))
   parallel.sync('latent_store.metadata')
 
 
@@ -127,7 +113,7 @@ def is_complete(directory):
 
 def read_shard(directory, name, dtype):
   """One shard as {key: array}, its latents as float32."""
-  arrays = _read_npz(os.path.join(directory, name))
+  arrays = files.read_npz(os.path.join(directory, name))
   latent = arrays['latent']
   arrays['latent'] = (latent.view(ml_dtypes.bfloat16) if dtype == 'bfloat16' else latent).astype(np.float32)
   return arrays

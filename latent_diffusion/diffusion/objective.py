@@ -9,7 +9,7 @@ from latent_diffusion.diffusion import schedules
 
 def drop_condition(rng, context, null_context, p_uncond):
   """Replaces each example's context by the null context with probability p_uncond (missing in the reference)."""
-  if not p_uncond:
+  if not p_uncond or not jax.tree.leaves(context):
     return context
   batch = jax.tree.leaves(context)[0].shape[0]
   drop = jax.random.bernoulli(rng, p_uncond, (batch,))

@@ -208,5 +208,6 @@ def create_unet(unet_config, out_channels, num_classes=0, dtype=jnp.float32):
   return UNet(model_channels=unet_config.model_channels, out_channels=out_channels,
               channel_mult=tuple(unet_config.channel_mult), num_res_blocks=unet_config.num_res_blocks,
               attention_resolutions=tuple(unet_config.attention_resolutions), num_heads=unet_config.num_heads,
-              transformer_depth=unet_config.transformer_depth, dropout=unet_config.dropout,
-              num_classes=num_classes, dtype=dtype)
+              num_head_channels=unet_config.num_head_channels, transformer_depth=unet_config.transformer_depth,
+              dropout=unet_config.dropout, use_scale_shift_norm=unet_config.use_scale_shift_norm,
+              resblock_updown=unet_config.resblock_updown, num_classes=num_classes, dtype=dtype)

@@ -2,18 +2,24 @@
 
 Each step samples z from the stored posterior moments, scales it, drops the condition with probability
 `p_uncond`, and takes one AdamW step (warm-up, gradient clipping) on the diffusion loss, with EMA params kept.
+Every `eval_every` steps it draws the configured prompts with the EMA params (the `sample` stage's sampler).
 """
 
 import os
 
+from absl import logging
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from latent_diffusion import parallel
 from latent_diffusion.data import latent_store
+from latent_diffusion.diffusion import generate
 from latent_diffusion.diffusion import objective
 from latent_diffusion.diffusion import schedules
+from latent_diffusion.evaluation import prompt_agreement
 from latent_diffusion.models import conditioning
 from latent_diffusion.models import unet as unet_lib
 from latent_diffusion.training import autoencoder as autoencoder_stage
@@ -25,10 +31,15 @@ STAGE = 'ldm'
 
 
 class Conditioner:
-  """Turns a batch's captions or labels into UNet context: host-side inputs, the null input, the encoder."""
+  """Turns a batch's captions or labels into UNet context: host-side inputs, the null input, the encoder.
+
+  kind 'text': a transformer over tokens; 'class': a one-token class embedding whose last id is the null
+  class; 'none' (unconditional): no context, and the UNet's transformers attend to the image alone.
+  """
 
   def __init__(self, cond_config):
     self.kind = cond_config.kind
+    self.model, self.null = None, {}
     if self.kind == 'text':
       self.tokenizer = conditioning.create_tokenizer(cond_config)
       self.model = conditioning.TextTransformer(self.tokenizer.vocab_size, cond_config.max_length,
@@ -37,18 +48,28 @@ class Conditioner:
       self.length = cond_config.max_length
     elif self.kind == 'class':
       self.model = conditioning.ClassEmbedder(cond_config.num_classes, cond_config.width)
-      self.null = {'label': jnp.full((1,), cond_config.num_classes - 1, jnp.int32)}
-    else:
-      raise ValueError(f"ldm.conditioning.kind='{self.kind}' is not 'text' or 'class'.")
+      self.null = {'label': np.full((1,), cond_config.num_classes - 1, np.int32)}
+    elif self.kind != 'none':
+      raise ValueError(f"ldm.conditioning.kind='{self.kind}' is not 'text', 'class' or 'none'.")
 
   def inputs(self, batch):
     """Host-side conditioning inputs of a batch of stored examples (captions are tokenized here)."""
     if self.kind == 'text':
       return {'tokens': self.tokenizer(list(batch['caption']), self.length)}
-    return {'label': batch['label'].astype('int32')}
+    if self.kind == 'class':
+      return {'label': np.asarray(batch['label']).astype(np.int32)}
+    return {}
+
+  def init(self, rng):
+    if self.model is None:
+      return {}
+    return self.model.init(rng, *jax.tree.map(jnp.asarray, self.null).values())['params']
 
   def encode(self, params, inputs):
-    return self.model.apply({'params': params}, next(iter(inputs.values())))
+    """The UNet context [B, L, width], or None without conditioning."""
+    if self.model is None:
+      return None
+    return self.model.apply({'params': params}, *inputs.values())
 
 
 def sample_latent(latent, kind, rng):
@@ -68,18 +89,16 @@ def optimizer(opt_config):
 def create(config, metadata):
   """The UNet, the conditioner and the train state's init function for a latent store's metadata."""
   ldm = config.ldm
-  channels = metadata['shape'][-1] // (2 if metadata['kind'] == 'kl' else 1)
-  unet = unet_lib.create_unet(ldm.unet, out_channels=channels)
+  shape = stored_latent_shape(metadata)
+  unet = unet_lib.create_unet(ldm.unet, out_channels=shape[-1])
   conditioner = Conditioner(ldm.conditioning)
   tx = optimizer(ldm.optimizer)
-  latent_shape = tuple(metadata['shape'][:-1]) + (channels,)
 
   def init(rng):
     unet_rng, cond_rng = jax.random.split(rng)
-    null = jax.tree.map(jnp.asarray, conditioner.null)
-    cond_params = conditioner.model.init(cond_rng, next(iter(null.values())))['params']
-    context = conditioner.model.apply({'params': cond_params}, next(iter(null.values())))
-    unet_params = unet.init(unet_rng, jnp.zeros((1,) + latent_shape), jnp.zeros((1,), jnp.int32),
+    cond_params = conditioner.init(cond_rng)
+    context = conditioner.encode(cond_params, jax.tree.map(jnp.asarray, conditioner.null))
+    unet_params = unet.init(unet_rng, jnp.zeros((1,) + shape), jnp.zeros((1,), jnp.int32),
                             context)['params']
     return train_state.TrainState.create({'unet': unet_params, 'cond': cond_params}, tx, ldm.ema_decay)
 
@@ -109,8 +128,74 @@ def make_train_step(config, unet, conditioner, schedule, scale_factor, kind):
   return train_step
 
 
+def stored_latent_shape(metadata):
+  """z's shape [h, w, c]: the store keeps KL posteriors as (mean, logvar) on 2c channels."""
+  h, w, c = metadata['shape']
+  return h, w, c // (2 if metadata['kind'] == 'kl' else 1)
+
+
+def sample_latent_shape(config, metadata):
+  """The stored shape, or `sampling.latent_size` square: the UNet is convolutional, so a model trained on 32x32
+  latents can draw 64x64 ones (the paper samples 512x1024 images from models trained at 256x256)."""
+  h, w, c = stored_latent_shape(metadata)
+  size = config.sampling.latent_size
+  return (size, size, c) if size else (h, w, c)
+
+
+def make_generator(config, workdir, mesh, unet, conditioner, metadata):
+  """The sampler of this stage's models, decoding with the trained first stage: (Generator, its params)."""
+  ae_model, ae_params, _ = autoencoder_stage.load_trained(config, workdir, mesh)
+  generator = generate.Generator(
+      unet=unet, conditioner=conditioner, schedule=schedules.Schedule.from_config(config.ldm.schedule),
+      parameterization=config.ldm.parameterization,
+      decoder=lambda params, z: ae_model.apply({'params': params}, z, method='decode'),
+      latent_shape=sample_latent_shape(config, metadata), scale_factor=metadata['scale_factor'],
+      sampling_config=config.sampling, mesh=mesh)
+  return generator, ae_params
+
+
+def make_evaluate(config, generator, ae_params):
+  """Periodic sampling: the configured prompts drawn with the EMA params, as a grid, plus prompt agreement on
+  the built-in dataset."""
+  requests = generate.requests_from_config(config.sampling, config.ldm.conditioning.kind)
+
+  def evaluate(state, step):
+    del step
+    images = generator(state.eval_params, ae_params, requests)
+    return sample_scalars(config, requests, images), {'samples': images / 127.5 - 1.0}
+
+  return evaluate
+
+
+def sample_scalars(config, requests, images):
+  """Prompt agreement of text samples of `captioned_shapes` (the fraction of prompted objects drawn with the
+  right colour at the right position, read from pixels); nothing for other data."""
+  if config.ldm.conditioning.kind != 'text' or not config.data.name.startswith('captioned_shapes'):
+    return {}
+  agreement = prompt_agreement.prompt_agreement(images, requests.conditions)
+  return {f'prompt_agreement/{k}': v for k, v in agreement.items() if k != 'objects'}
+
+
 def checkpoint_dir(workdir):
   return os.path.join(workdir, STAGE, 'checkpoints')
+
+
+def load_trained(config, workdir, mesh, metadata):
+  """The trained stage 2 for sampling: (unet, conditioner, EMA params (raw params, with a warning, when no EMA
+  is kept), step), restored straight into their shardings."""
+  unet, conditioner, init = create(config, metadata)
+  directory = checkpoint_dir(workdir)
+  ckpt = checkpoint.Checkpointer(directory)
+  step = ckpt.latest_step()
+  if step is None:
+    raise ValueError(f'No ldm checkpoint in {directory}; run the `ldm` stage first.')
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  state, _ = ckpt.restore(step, nn.meta.unbox(abstract), parallel.tree_shardings(abstract, mesh))
+  ckpt.close()
+  if state.ema_params is None:
+    logging.warning('The ldm checkpoint at step %d keeps no EMA params (ldm.ema_decay=0); sampling with the raw '
+                    'params.', step)
+  return unet, conditioner, state.eval_params, step
 
 
 def is_done(config, workdir):
@@ -133,8 +218,10 @@ def run(config, workdir):
     for batch in latent_store.LatentBatches(arrays, ldm.batch_size, seed=config.seed, start_step=start_step):
       yield {'latent': batch['latent'], **conditioner.inputs(batch)}
 
+  generator, ae_params = make_generator(config, workdir, mesh, unet, conditioner, metadata)
   task = loop.Task(init=init, batches=batches, train_step=make_train_step(
-      config, unet, conditioner, schedule, metadata['scale_factor'], metadata['kind']))
+      config, unet, conditioner, schedule, metadata['scale_factor'], metadata['kind']),
+                   evaluate=make_evaluate(config, generator, ae_params))
   s = ldm.train_schedule
   return loop.train(task, workdir=os.path.join(workdir, STAGE), mesh=mesh, seed=config.seed,
                     total_steps=ldm.total_steps, log_every=s.log_every, checkpoint_every=s.checkpoint_every,

@@ -1,0 +1,110 @@
+"""Text/class -> image: encode the condition, sample latents with guidance, decode with the frozen first stage.
+
+One jitted, sharded program per batch shape; the guidance scale is an argument, so every scale reuses it. The
+`sample` stage and the periodic sampling of `ldm` training both call `Generator`, so they draw the same images.
+Each image's starting noise comes from its own seed alone, so an image does not depend on its batch.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+
+from latent_diffusion import parallel
+from latent_diffusion.data import input_pipeline
+from latent_diffusion.diffusion import sampling
+
+SAMPLERS = {'ddim': sampling.ddim_sample, 'plms': sampling.plms_sample,
+            'dpm_solver_pp': sampling.dpm_solver_pp_sample}
+
+
+@dataclasses.dataclass
+class Requests:
+  """What to draw, one entry per image in output order: conditions (prompts or class ids), seeds, scales."""
+  conditions: list
+  seeds: np.ndarray
+  guidance_scales: np.ndarray
+
+
+def requests_from_config(sampling_config, kind):
+  """Every (guidance scale, condition, seed) of the `sampling` section, the images of one condition
+  consecutive in the config's order. Prompts come from `prompt_file` (one per line) when it is set."""
+  s = sampling_config
+  if kind == 'text':
+    conditions = list(s.prompts)
+    if s.prompt_file:
+      if not tf.io.gfile.exists(s.prompt_file):
+        raise FileNotFoundError(f'sampling.prompt_file={s.prompt_file} does not exist; give a text file with one '
+                                'prompt per line, or leave it empty to use sampling.prompts.')
+      with tf.io.gfile.GFile(s.prompt_file) as f:
+        conditions = [line.strip() for line in f if line.strip()]
+  elif kind == 'class':
+    conditions = [int(c) for c in s.class_ids]
+  else:
+    conditions = ['']  # unconditional: one row of seeds per guidance scale
+  if not conditions:
+    raise ValueError(f'Nothing to sample: set sampling.{"prompts" if kind == "text" else "class_ids"}.')
+  grid = [(scale, c, seed) for scale in s.guidance_scales for c in conditions for seed in s.seeds]
+  return Requests(conditions=[c for _, c, _ in grid], seeds=np.array([seed for *_, seed in grid], np.int32),
+                  guidance_scales=np.array([scale for scale, *_ in grid], np.float32))
+
+
+class Generator:
+  """Samples images for `Requests` with given UNet/conditioner params and first-stage params."""
+
+  def __init__(self, *, unet, conditioner, schedule, parameterization, decoder, latent_shape, scale_factor,
+               sampling_config, mesh):
+    s = sampling_config
+    if s.sampler not in SAMPLERS:
+      raise ValueError(f"Unknown sampling.sampler '{s.sampler}'; choose one of {sorted(SAMPLERS)}.")
+    parallel.check_batch_size(s.batch_size, mesh, 'sampling.batch_size')
+    self.conditioner, self.mesh, self.batch_size = conditioner, mesh, s.batch_size
+    sampler = SAMPLERS[s.sampler]
+    options = dict(eta=s.eta) if s.sampler == 'ddim' else {}
+
+    def generate(params, decoder_params, inputs, seeds, guidance_scale):
+      context = conditioner.encode(params['cond'], inputs)
+      model = lambda x, t, c: unet.apply({'params': params['unet']}, x, t, c)
+      eps_fn = sampling.as_eps_fn(model, parameterization, schedule)
+      if context is not None:  # unconditional models have nothing to guide
+        null = conditioner.encode(params['cond'], jax.tree.map(jnp.asarray, conditioner.null))
+        eps_fn = sampling.guided(eps_fn, guidance_scale, jnp.broadcast_to(null, context.shape))
+      x_T = jax.vmap(lambda seed: jax.random.normal(jax.random.PRNGKey(seed), latent_shape))(seeds)
+      z = sampler(eps_fn, schedule, x_T, context, num_steps=s.num_steps, rng=jax.random.PRNGKey(seeds[0]),
+                  **options)
+      return jnp.clip(decoder(decoder_params, z / scale_factor), -1.0, 1.0)
+
+    batch = parallel.batch_sharding(mesh)
+    self._generate = jax.jit(generate, in_shardings=(None, None, batch, batch, parallel.replicated(mesh)),
+                             out_shardings=batch)
+
+  def __call__(self, params, decoder_params, requests):
+    """uint8 images [N, H, W, 3] in the order of `requests`, on every host."""
+    order, images = [], []
+    for scale in dict.fromkeys(requests.guidance_scales.tolist()):  # each scale's images, in batches
+      index = np.flatnonzero(requests.guidance_scales == scale)
+      for start in range(0, len(index), self.batch_size):
+        rows = index[start:start + self.batch_size]
+        images.append(self._batch(params, decoder_params, [requests.conditions[i] for i in rows],
+                                  requests.seeds[rows], scale))
+        order.append(rows)
+    pixels = np.empty((len(requests.seeds),) + images[0].shape[1:], np.uint8)
+    pixels[np.concatenate(order)] = np.concatenate(images)
+    return pixels
+
+  def _batch(self, params, decoder_params, conditions, seeds, scale):
+    """One padded global batch; every host passes its own rows and receives all of them."""
+    n, pad = len(seeds), self.batch_size - len(seeds)
+    conditions = conditions + conditions[-1:] * pad
+    seeds = np.concatenate([seeds, np.repeat(seeds[-1:], pad)])
+    per_host = self.batch_size // jax.process_count()
+    rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+    key = 'caption' if self.conditioner.kind == 'text' else 'label'
+    local = {**self.conditioner.inputs({key: np.array(conditions[rows])}), 'seeds': seeds[rows]}
+    batch = input_pipeline.to_global(local, self.mesh)
+    seeds = batch.pop('seeds')
+    out = self._generate(params, decoder_params, batch, seeds, jnp.float32(scale))
+    pixels = parallel.to_host(out)[:n]
+    return np.round((pixels + 1) * 127.5).astype(np.uint8)

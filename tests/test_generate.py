@@ -1,0 +1,114 @@
+"""Text -> image generation shared by the `sample` stage and periodic sampling, and the prompt-agreement metric."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import txt2img
+from latent_diffusion import parallel
+from latent_diffusion.data import captioned_shapes as cs
+from latent_diffusion.diffusion import generate
+from latent_diffusion.diffusion import schedules
+from latent_diffusion.evaluation import prompt_agreement
+from latent_diffusion.training import ldm
+from test_captioned_shapes import parse_caption as reference_parse
+
+PROMPTS = ('a large red circle in the center', 'a small blue square in the top left',
+           'a small green triangle in the bottom right and a large yellow circle in the top left')
+
+
+def tiny_config(**sampling):
+  config = txt2img.get_config('smoke')
+  config.ldm.unet.update(model_channels=32, channel_mult=(1,), attention_resolutions=(1,))
+  config.ldm.conditioning.update(width=32, depth=1)
+  config.sampling.update(num_steps=4, batch_size=8, prompts=PROMPTS, seeds=(5, 6), guidance_scales=(1.0, 4.0))
+  config.sampling.update(sampling)
+  return config
+
+
+def make_generator(config, mesh):
+  metadata = {'shape': [4, 4, 6], 'kind': 'kl', 'scale_factor': 0.5}
+  unet, conditioner, init = ldm.create(config, metadata)
+  state, _ = parallel.create_sharded(init, mesh, jax.random.PRNGKey(0))
+  generator = generate.Generator(
+      unet=unet, conditioner=conditioner, schedule=schedules.Schedule.from_config(config.ldm.schedule),
+      parameterization='eps', decoder=lambda params, z: jnp.tanh(params * jnp.tile(z, (1, 8, 8, 1))),
+      latent_shape=ldm.sample_latent_shape(config, metadata), scale_factor=0.5, sampling_config=config.sampling,
+      mesh=mesh)
+  # Fresh params zero the SpatialTransformer's output projection (the context would not matter): perturb all.
+  leaves, tree = jax.tree.flatten(state.params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  return generator, params
+
+
+def test_requests_put_each_prompt_s_seeds_together_in_config_order():
+  requests = generate.requests_from_config(tiny_config().sampling, 'text')
+  assert requests.conditions == [p for _ in range(2) for p in PROMPTS for _ in range(2)]
+  np.testing.assert_array_equal(requests.seeds, [5, 6] * 6)
+  np.testing.assert_array_equal(requests.guidance_scales, [1.0] * 6 + [4.0] * 6)
+  classes = generate.requests_from_config(tiny_config(class_ids=(3, 1), guidance_scales=(2.0,)).sampling, 'class')
+  assert classes.conditions == [3, 3, 1, 1]
+
+
+def test_prompt_file_replaces_prompts_and_a_missing_one_is_named(tmp_path):
+  path = tmp_path / 'prompts.txt'
+  path.write_text('a small red circle in the center\n\n a large blue square in the top left \n')
+  requests = generate.requests_from_config(tiny_config(prompt_file=str(path)).sampling, 'text')
+  assert requests.conditions[:4] == ['a small red circle in the center'] * 2 + ['a large blue square in the top left'] * 2
+  with pytest.raises(FileNotFoundError, match='sampling.prompt_file=.*missing.txt does not exist'):
+    generate.requests_from_config(tiny_config(prompt_file=str(tmp_path / 'missing.txt')).sampling, 'text')
+
+
+def test_each_image_depends_on_its_own_seed_and_prompt_only_and_scales_share_one_program():
+  config = tiny_config()
+  mesh = parallel.create_mesh(config.mesh)
+  generator, params = make_generator(config, mesh)
+  requests = generate.requests_from_config(config.sampling, 'text')
+  images = generator(params, 0.3, requests)
+  assert images.dtype == np.uint8 and images.shape == (12, 32, 32, 3)
+  assert generator._generate._cache_size() == 1  # two guidance scales, one compiled program
+
+  # One image drawn alone (in a batch padded with copies of it) equals the same request drawn among others.
+  alone = generate.Requests([PROMPTS[1]], np.array([6], np.int32), np.array([4.0], np.float32))
+  np.testing.assert_array_equal(generator(params, 0.3, alone)[0], images[9])
+  # Seeds, prompts and guidance scales all change the image.
+  assert np.abs(images[2].astype(int) - images[3]).mean() > 5  # seed 5 vs 6
+  assert np.abs(images[6].astype(int) - images[8]).mean() > 0.5  # prompt 0 vs 1, scale 4
+  assert np.abs(images[0].astype(int) - images[6]).mean() > 0.5  # scale 1 vs 4
+
+
+def test_a_larger_latent_size_draws_larger_images():
+  config = tiny_config(latent_size=8, guidance_scales=(2.0,), seeds=(0,))
+  generator, params = make_generator(config, parallel.create_mesh(config.mesh))
+  images = generator(params, 0.3, generate.requests_from_config(config.sampling, 'text'))
+  assert images.shape == (3, 64, 64, 3) and images.std() > 10
+
+
+def test_parse_caption_agrees_with_the_test_parser_and_rejects_other_text():
+  for index in range(200):
+    caption = cs.caption_of(cs.sample_scene('train', index)[1])
+    assert cs.parse_caption(caption) == [(c, shape, size, pos) for size, c, shape, pos in reference_parse(caption)]
+  with pytest.raises(ValueError, match="'a huge red circle in the center' .* not 'a SIZE COLOUR SHAPE POSITION'"):
+    cs.parse_caption('a small blue square in the top left and a huge red circle in the center')
+
+
+def scenes(indices, resolution=32):
+  rendered = [(cs.render(*cs.sample_scene('validation', i), resolution)[0], cs.caption_of(cs.sample_scene(
+      'validation', i)[1])) for i in indices]
+  return np.stack([image for image, _ in rendered]), [caption for _, caption in rendered]
+
+
+def test_prompt_agreement_is_one_for_the_data_and_low_for_mismatched_prompts():
+  images, captions = scenes(range(100))
+  exact = prompt_agreement.prompt_agreement(images, captions)
+  assert exact['colour_position'] == 1.0 and exact['shape_given_colour_position'] == 1.0
+  assert exact['size_given_colour_position'] == 1.0 and exact['objects'] == sum(c.count(' and ') + 1 for c in captions)
+  # Noise within the tolerance keeps every object; other scenes' captions mostly do not match.
+  noisy = np.clip(images + np.random.default_rng(0).integers(-20, 21, images.shape), 0, 255).astype(np.uint8)
+  assert prompt_agreement.prompt_agreement(noisy, captions)['colour_position'] == 1.0
+  shuffled = prompt_agreement.prompt_agreement(images, captions[1:] + captions[:1])
+  assert shuffled['colour_position'] < 0.2
+  blank = prompt_agreement.prompt_agreement(np.full_like(images, 240), captions)
+  assert blank['colour_position'] == 0.0
