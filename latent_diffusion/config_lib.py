@@ -106,7 +106,7 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
   c.unet.update(unet)
   c.conditioning = ml_collections.ConfigDict(dict(
       kind='none', tokenizer='bytes', vocab_file='', max_length=77, width=512, depth=0, num_heads=8,
-      num_classes=0))
+      num_classes=0, concat=''))  # concat: '', 'low_res' (super-resolution) or 'inpainting'
   c.conditioning.update(conditioning)
   beta_start, beta_end = SCHEDULE_ENDS[schedule]
   c.schedule = ml_collections.ConfigDict(dict(
@@ -170,11 +170,13 @@ def sampling(**overrides):
   """The `sampling` section: what the `sample` stage (and periodic sampling during `ldm`) draws, and how.
 
   Every guidance scale x condition x seed is drawn; conditions are `prompts` (or the lines of `prompt_file`)
-  for text models and `class_ids` for class-conditional ones. `latent_size` > 0 samples larger latents than
-  the training ones. `batch_size` must divide by the mesh's batch shards.
+  for text models, `class_ids` for class-conditional ones, and for concat-conditioned ones (super-resolution,
+  inpainting) `condition_indices`, examples of the latent store of `condition_split`. `latent_size` > 0
+  samples larger latents than the training ones. `batch_size` must divide by the mesh's batch shards.
   """
   c = ml_collections.ConfigDict(dict(
       sampler='ddim', num_steps=50, eta=0.0, guidance_scales=(1.0,), seeds=(0, 1, 2, 3), prompts=(),
-      prompt_file='', class_ids=(), batch_size=8, latent_size=0))
+      prompt_file='', class_ids=(), condition_split='validation', condition_indices=(0, 1, 2, 3),
+      batch_size=8, latent_size=0))
   c.update(overrides)
   return c

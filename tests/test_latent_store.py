@@ -135,10 +135,12 @@ def test_autoencoder_latents_ldm_pipeline_and_refusal(tmp_path, tfds_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('config', ['class_cond', 'uncond'])
+@pytest.mark.parametrize('config', ['class_cond', 'uncond', 'super_res', 'inpainting'])
 def test_other_configs_run_every_built_stage(tmp_path, tfds_dir, config):
+  splits = "('validation',)" if config in ('class_cond', 'uncond') else "('validation','test')"
   result = main(tmp_path, tfds_dir, '--config.autoencoder.total_steps=2', '--config.ldm.total_steps=4',
-                '--config.sampling.num_steps=5', '--config.sampling.batch_size=8', config=config)
+                '--config.sampling.num_steps=5', '--config.sampling.batch_size=8',
+                f'--config.latents.splits={splits}', "--config.sampling.condition_split=test", config=config)
   assert result.returncode == 0, result.stderr[-3000:]
   for stage in ('autoencoder', 'latents', 'ldm', 'sample'):
     assert f'stage {stage:<12} ran' in result.stdout
@@ -148,6 +150,16 @@ def test_other_configs_run_every_built_stage(tmp_path, tfds_dir, config):
   if config == 'class_cond':  # 6 classes x 4 seeds
     np.testing.assert_array_equal(samples['labels'], np.repeat(range(0, 18, 3), 4))
     np.testing.assert_array_equal(samples['seeds'], list(range(4)) * 6)
+  elif config in ('super_res', 'inpainting'):  # 8 stored test examples x 4 seeds
+    np.testing.assert_array_equal(samples['condition_indices'], np.repeat(range(8), 4))
+    store, metadata = latent_store.load(tmp_path / 'latents' / 'test')
+    assert metadata['concat'] == {'super_res': 'low_res', 'inpainting': 'inpainting'}[config]
+    if config == 'super_res':
+      assert store['low_res'].shape == (2000, 8, 8, 3) and -1 <= store['low_res'].min() < store['low_res'].max() <= 1
+    else:
+      assert store['masked_latent'].shape == (2000, 8, 8, 3) and store['inpaint_mask'].shape == (2000, 8, 8, 1)
+      assert 0.15 < store['inpaint_mask'].mean() < 0.35
+      assert not np.allclose(store['masked_latent'], store['latent'])
   else:  # 16 seeds, nothing else
     assert 'labels' not in samples and 'prompts' not in samples
     np.testing.assert_array_equal(samples['seeds'], range(16))

@@ -89,9 +89,10 @@ def write_shards(directory, *, num_examples, examples_per_shard, encode_batches,
     count = min(examples_per_shard, num_examples - start)
     parts = list(encode_batches(start, count))
     arrays = {k: np.concatenate([p[k] for p in parts])[:count] for k in parts[0]}
-    arrays['latent'] = arrays['latent'].astype(DTYPES[dtype])
-    if dtype == 'bfloat16':
-      arrays['latent'] = arrays['latent'].view(np.uint16)  # npz has no bfloat16; metadata records the dtype
+    for key, value in arrays.items():  # latents and concat conditions in the store's dtype
+      if value.dtype.kind == 'f':
+        value = value.astype(DTYPES[dtype])
+        arrays[key] = value.view(np.uint16) if dtype == 'bfloat16' else value  # npz has no bfloat16
     write_shard(directory, name, arrays)
     logging.info('Wrote latent shard %s/%s (%d examples).', directory, name, count)
   parallel.sync('latent_store.write_shards')
@@ -112,10 +113,13 @@ def is_complete(directory):
 
 
 def read_shard(directory, name, dtype):
-  """One shard as {key: array}, its latents as float32."""
+  """One shard as {key: array}, its latents (and concat conditions) as float32."""
   arrays = files.read_npz(os.path.join(directory, name))
-  latent = arrays['latent']
-  arrays['latent'] = (latent.view(ml_dtypes.bfloat16) if dtype == 'bfloat16' else latent).astype(np.float32)
+  for key, value in arrays.items():
+    if dtype == 'bfloat16' and value.dtype == np.uint16:
+      arrays[key] = value.view(ml_dtypes.bfloat16).astype(np.float32)
+    elif value.dtype.kind == 'f':
+      arrays[key] = value.astype(np.float32)
   return arrays
 
 

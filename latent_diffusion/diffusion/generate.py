@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from latent_diffusion import parallel
 from latent_diffusion.data import input_pipeline
+from latent_diffusion.diffusion import concat as concat_lib
 from latent_diffusion.diffusion import sampling
 
 SAMPLERS = {'ddim': sampling.ddim_sample, 'plms': sampling.plms_sample,
@@ -28,11 +29,17 @@ class Requests:
   guidance_scales: np.ndarray
 
 
-def requests_from_config(sampling_config, kind):
+def requests_from_config(sampling_config, kind, concat=''):
   """Every (guidance scale, condition, seed) of the `sampling` section, the images of one condition
-  consecutive in the config's order. Prompts come from `prompt_file` (one per line) when it is set."""
+  consecutive in the config's order. Prompts come from `prompt_file` (one per line) when it is set; the
+  conditions of concat-conditioned models are example indices of `sampling.condition_split`."""
   s = sampling_config
-  if kind == 'text':
+  if concat:
+    if kind != 'none':
+      raise ValueError(f"Sampling a model with both ldm.conditioning.concat='{concat}' and kind='{kind}' is not "
+                       "supported: the `sample` stage draws concat models per stored example (kind='none').")
+    conditions = [int(i) for i in s.condition_indices]
+  elif kind == 'text':
     conditions = list(s.prompts)
     if s.prompt_file:
       if not tf.io.gfile.exists(s.prompt_file):
@@ -55,18 +62,21 @@ class Generator:
   """Samples images for `Requests` with given UNet/conditioner params and first-stage params."""
 
   def __init__(self, *, unet, conditioner, schedule, parameterization, decoder, latent_shape, scale_factor,
-               sampling_config, mesh):
+               sampling_config, mesh, concat='', concat_source=None):
+    """`concat_source`: for concat-conditioned models, the stored arrays of the examples that conditions index."""
     s = sampling_config
     if s.sampler not in SAMPLERS:
       raise ValueError(f"Unknown sampling.sampler '{s.sampler}'; choose one of {sorted(SAMPLERS)}.")
     parallel.check_batch_size(s.batch_size, mesh, 'sampling.batch_size')
     self.conditioner, self.mesh, self.batch_size = conditioner, mesh, s.batch_size
+    self.concat, self.concat_source, self.scale_factor = concat, concat_source, scale_factor
     sampler = SAMPLERS[s.sampler]
     options = dict(eta=s.eta) if s.sampler == 'ddim' else {}
 
     def generate(params, decoder_params, inputs, seeds, guidance_scale):
-      context = conditioner.encode(params['cond'], inputs)
-      model = lambda x, t, c: unet.apply({'params': params['unet']}, x, t, c)
+      condition = inputs.get('concat')
+      context = conditioner.encode(params['cond'], {k: v for k, v in inputs.items() if k != 'concat'})
+      model = concat_lib.with_concat(lambda x, t, c: unet.apply({'params': params['unet']}, x, t, c), condition)
       eps_fn = sampling.as_eps_fn(model, parameterization, schedule)
       if context is not None:  # unconditional models have nothing to guide
         null = conditioner.encode(params['cond'], jax.tree.map(jnp.asarray, conditioner.null))
@@ -101,8 +111,14 @@ class Generator:
     seeds = np.concatenate([seeds, np.repeat(seeds[-1:], pad)])
     per_host = self.batch_size // jax.process_count()
     rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
-    key = 'caption' if self.conditioner.kind == 'text' else 'label'
-    local = {**self.conditioner.inputs({key: np.array(conditions[rows])}), 'seeds': seeds[rows]}
+    local = {'seeds': seeds[rows]}
+    if self.concat:
+      index = np.array(conditions[rows])
+      stored = {k: self.concat_source[k][index] for k in concat_lib.KEYS[self.concat]}
+      local['concat'] = np.asarray(concat_lib.condition(stored, self.concat, self.scale_factor), np.float32)
+    else:
+      key = 'caption' if self.conditioner.kind == 'text' else 'label'
+      local.update(self.conditioner.inputs({key: np.array(conditions[rows])}))
     batch = input_pipeline.to_global(local, self.mesh)
     seeds = batch.pop('seeds')
     out = self._generate(params, decoder_params, batch, seeds, jnp.float32(scale))

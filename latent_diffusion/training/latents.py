@@ -1,11 +1,14 @@
-"""The `latents` stage: encodes every example of the configured splits once with the frozen first stage."""
+"""The `latents` stage: encodes every example of the configured splits once with the frozen first stage, with
+the concat conditions of `ldm.conditioning.concat` (low-res image, or masked-image latent and mask)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from latent_diffusion import parallel
 from latent_diffusion.data import input_pipeline
 from latent_diffusion.data import latent_store
+from latent_diffusion.diffusion import concat as concat_lib
 from latent_diffusion.training import autoencoder as autoencoder_stage
 from latent_diffusion.training import checkpoint
 
@@ -30,14 +33,32 @@ def measure_scale(arrays, kind, seed=0):
   return np.array([latent.sum(), (latent**2).sum(), latent.size])
 
 
+def make_encode(model, kind, concat):
+  """A jitted (params, images, masks) -> {'latent': ..., + the concat conditions} for the store."""
+  concat_lib.check(concat)
+
+  def encode(params, x, masks):
+    out = {'latent': model.apply({'params': params}, x, method='encode')}
+    size = out['latent'].shape[1]
+    if concat == 'low_res':
+      out['low_res'] = concat_lib.area_downsample(x, size)
+    elif concat == 'inpainting':
+      masked = model.apply({'params': params}, x * (1 - masks), method='encode')
+      out['masked_latent'] = jnp.split(masked, 2, axis=-1)[0] if kind == 'kl' else masked  # the posterior mode
+      out['inpaint_mask'] = concat_lib.area_downsample(masks, size)
+    return out
+  return jax.jit(encode)
+
+
 def run(config, workdir):
   """Writes WORKDIR/latents/<split>/ for each of `latents.splits`; restarts skip complete shards."""
   mesh = parallel.create_mesh(config.mesh)
   batch_size = config.latents.batch_size
   parallel.check_batch_size(batch_size, mesh)
   model, params, ae_step = autoencoder_stage.load_trained(config, workdir, mesh)
-  encode = jax.jit(lambda p, x: model.apply({'params': p}, x, method='encode'))
   kind = config.autoencoder.model.kind
+  concat = config.ldm.conditioning.concat
+  encode = make_encode(model, kind, concat)
   for split in config.latents.splits:
     directory = latent_store.split_dir(workdir, split)
     existing = latent_store.read_metadata(directory)
@@ -45,15 +66,22 @@ def run(config, workdir):
       latent_store.check_source(existing, ae_step, directory)
 
     def encode_batches(start, count, split=split):
+      position = start
       for batch in input_pipeline.eval_iterator(config.data, batch_size, split=split, start=start,
                                                 num_examples=count * jax.process_count()):
-        x = input_pipeline.to_global({'image': batch['image']}, mesh)['image']
-        latent = parallel.to_host_local(encode(params, x), mesh)
+        size = len(batch['image'])
+        masks = np.zeros((size, 1, 1, 1), np.float32)
+        if concat == 'inpainting':
+          masks = concat_lib.box_masks(config.seed, jax.process_index(), np.arange(position, position + size),
+                                       config.data.resolution)
+        position += size
+        inputs = input_pipeline.to_global({'image': batch['image'], 'masks': masks}, mesh)
+        encoded = parallel.to_host_local(encode(params, inputs['image'], inputs['masks']), mesh)
         keep = batch['mask']
         conditioning = {k: batch[k][keep] for k in ('caption', 'label') if k in batch}
         if 'caption' in conditioning:
           conditioning['caption'] = conditioning['caption'].astype(np.bytes_)  # npz stores no objects
-        yield {'latent': latent[keep], **conditioning}
+        yield {**{k: v[keep] for k, v in encoded.items()}, **conditioning}
 
     num_examples = input_pipeline.num_host_examples(config.data, split)
     names = latent_store.write_shards(
@@ -70,4 +98,4 @@ def run(config, workdir):
         'split': split, 'kind': kind, 'autoencoder_step': ae_step, 'scale_factor': scale,
         'examples_per_shard': config.latents.examples_per_shard, 'shards': names,
         'count': num_examples * jax.process_count(), 'shape': list(first['latent'].shape[1:]),
-        'autoencoder': config.autoencoder.model.to_dict(), 'dtype': config.latents.dtype})
+        'autoencoder': config.autoencoder.model.to_dict(), 'dtype': config.latents.dtype, 'concat': concat})

@@ -16,6 +16,7 @@ import optax
 
 from latent_diffusion import parallel
 from latent_diffusion.data import latent_store
+from latent_diffusion.diffusion import concat as concat_lib
 from latent_diffusion.diffusion import generate
 from latent_diffusion.diffusion import objective
 from latent_diffusion.diffusion import schedules
@@ -90,6 +91,7 @@ def create(config, metadata):
   """The UNet, the conditioner and the train state's init function for a latent store's metadata."""
   ldm = config.ldm
   shape = stored_latent_shape(metadata)
+  concat_channels = concat_lib.num_channels(ldm.conditioning.concat, shape[-1])
   unet = unet_lib.create_unet(ldm.unet, out_channels=shape[-1])
   conditioner = Conditioner(ldm.conditioning)
   tx = optimizer(ldm.optimizer)
@@ -98,8 +100,8 @@ def create(config, metadata):
     unet_rng, cond_rng = jax.random.split(rng)
     cond_params = conditioner.init(cond_rng)
     context = conditioner.encode(cond_params, jax.tree.map(jnp.asarray, conditioner.null))
-    unet_params = unet.init(unet_rng, jnp.zeros((1,) + shape), jnp.zeros((1,), jnp.int32),
-                            context)['params']
+    x = jnp.zeros((1,) + shape[:-1] + (shape[-1] + concat_channels,))
+    unet_params = unet.init(unet_rng, x, jnp.zeros((1,), jnp.int32), context)['params']
     return train_state.TrainState.create({'unet': unet_params, 'cond': cond_params}, tx, ldm.ema_decay)
 
   return unet, conditioner, init
@@ -113,11 +115,14 @@ def make_train_step(config, unet, conditioner, schedule, scale_factor, kind):
     z_rng, drop_rng, loss_rng, dropout_rng = jax.random.split(rng, 4)
     z = sample_latent(batch['latent'], kind, z_rng) * scale_factor
     inputs = objective.drop_condition(drop_rng, {k: batch[k] for k in null}, null, ldm.p_uncond)
+    condition = concat_lib.condition(batch, ldm.conditioning.concat, scale_factor)
 
     def loss_fn(params):
       context = conditioner.encode(params['cond'], inputs)
-      denoise = lambda x_t, t: unet.apply({'params': params['unet']}, x_t, t, context, deterministic=False,
-                                          rngs={'dropout': dropout_rng})
+      unet_fn = lambda x, t, c: unet.apply({'params': params['unet']}, x, t, c, deterministic=False,
+                                           rngs={'dropout': dropout_rng})
+      model = concat_lib.with_concat(unet_fn, condition)
+      denoise = lambda x_t, t: model(x_t, t, context)
       loss, _ = objective.diffusion_loss(denoise, schedule, z, loss_rng, parameterization=ldm.parameterization,
                                          loss_type=ldm.loss, min_snr_gamma=ldm.min_snr_gamma)
       return loss
@@ -143,21 +148,27 @@ def sample_latent_shape(config, metadata):
 
 
 def make_generator(config, workdir, mesh, unet, conditioner, metadata):
-  """The sampler of this stage's models, decoding with the trained first stage: (Generator, its params)."""
+  """The sampler of this stage's models, decoding with the trained first stage: (Generator, its params).
+  Concat-conditioned models take their conditions from the latent store of `sampling.condition_split`."""
   ae_model, ae_params, _ = autoencoder_stage.load_trained(config, workdir, mesh)
+  concat = config.ldm.conditioning.concat
+  source = None
+  if concat:
+    source, _ = latent_store.load(latent_store.split_dir(workdir, config.sampling.condition_split))
   generator = generate.Generator(
       unet=unet, conditioner=conditioner, schedule=schedules.Schedule.from_config(config.ldm.schedule),
       parameterization=config.ldm.parameterization,
       decoder=lambda params, z: ae_model.apply({'params': params}, z, method='decode'),
       latent_shape=sample_latent_shape(config, metadata), scale_factor=metadata['scale_factor'],
-      sampling_config=config.sampling, mesh=mesh)
+      sampling_config=config.sampling, mesh=mesh, concat=concat, concat_source=source)
   return generator, ae_params
 
 
 def make_evaluate(config, generator, ae_params):
   """Periodic sampling: the configured prompts drawn with the EMA params, as a grid, plus prompt agreement on
   the built-in dataset."""
-  requests = generate.requests_from_config(config.sampling, config.ldm.conditioning.kind)
+  requests = generate.requests_from_config(config.sampling, config.ldm.conditioning.kind,
+                                          config.ldm.conditioning.concat)
 
   def evaluate(state, step):
     del step
@@ -211,12 +222,16 @@ def run(config, workdir):
   arrays, metadata = latent_store.load(store)
   latent_store.check_source(
       metadata, checkpoint.latest_saved_step(autoencoder_stage.checkpoint_dir(workdir)), store)
+  if metadata.get('concat', '') != ldm.conditioning.concat:
+    raise ValueError(f"The latent store {store} holds concat conditions '{metadata.get('concat', '')}', but "
+                     f"ldm.conditioning.concat='{ldm.conditioning.concat}'. Delete {store} to re-encode.")
   unet, conditioner, init = create(config, metadata)
   schedule = schedules.Schedule.from_config(ldm.schedule)
 
   def batches(start_step):
     for batch in latent_store.LatentBatches(arrays, ldm.batch_size, seed=config.seed, start_step=start_step):
-      yield {'latent': batch['latent'], **conditioner.inputs(batch)}
+      concat = {k: batch[k] for k in concat_lib.KEYS[ldm.conditioning.concat]}
+      yield {'latent': batch['latent'], **concat, **conditioner.inputs(batch)}
 
   generator, ae_params = make_generator(config, workdir, mesh, unet, conditioner, metadata)
   task = loop.Task(init=init, batches=batches, train_step=make_train_step(

@@ -1,7 +1,7 @@
 """The `sample` stage: draws the configured prompts (or class ids) with the trained LDM's EMA params.
 
 Writes WORKDIR/samples/: `grid_cfg<scale>.png` per guidance scale (a row per condition, a column per seed),
-`samples.npz` (`images` uint8 [N, H, W, 3]; per image its `prompts` or `labels`, `seeds` and
+`samples.npz` (`images` uint8 [N, H, W, 3]; per image its `prompts`, `labels` or `condition_indices`, `seeds` and
 `guidance_scales`, the images of one condition consecutive in the config's order; `ldm_step`), TensorBoard
 grids, and on `captioned_shapes` `prompt_agreement.json`.
 """
@@ -29,10 +29,11 @@ def output_dir(workdir):
 
 def _saved_request(config, workdir):
   """What `samples.npz` must hold for the current config and newest ldm checkpoint."""
-  requests = generate.requests_from_config(config.sampling, config.ldm.conditioning.kind)
+  cond = config.ldm.conditioning
+  requests = generate.requests_from_config(config.sampling, cond.kind, cond.concat)
   step = checkpoint.latest_saved_step(ldm.checkpoint_dir(workdir))
   saved = {'seeds': requests.seeds, 'guidance_scales': requests.guidance_scales, 'ldm_step': np.array(step)}
-  key = {'text': 'prompts', 'class': 'labels'}.get(config.ldm.conditioning.kind)
+  key = 'condition_indices' if cond.concat else {'text': 'prompts', 'class': 'labels'}.get(cond.kind)
   return {key: np.array(requests.conditions), **saved} if key else saved
 
 
@@ -54,7 +55,7 @@ def run(config, workdir):
     raise ValueError(f'No latent store metadata in {store}; run the `latents` and `ldm` stages first.')
   unet, conditioner, params, step = ldm.load_trained(config, workdir, mesh, metadata)
   generator, ae_params = ldm.make_generator(config, workdir, mesh, unet, conditioner, metadata)
-  requests = generate.requests_from_config(config.sampling, conditioner.kind)
+  requests = generate.requests_from_config(config.sampling, conditioner.kind, config.ldm.conditioning.concat)
   start = time.time()
   images = generator(params, ae_params, requests)
   logging.info('Sampled %d images (%s, %d steps) from the ldm checkpoint at step %d in %.1f s.', len(images),

@@ -1,0 +1,51 @@
+"""Concat conditioning: the stored conditions (low-res image, box masks) and how the UNet input is built."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import inpainting
+from configs import super_res
+from latent_diffusion.diffusion import concat
+from latent_diffusion.training import ldm
+
+
+def test_area_downsample_averages_blocks():
+  x = np.arange(2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
+  small = np.asarray(concat.area_downsample(jnp.asarray(x), 2))
+  assert small.shape == (2, 2, 2, 3)
+  np.testing.assert_allclose(small[1, 0, 1], x[1, :4, 4:].mean(axis=(0, 1)))
+
+
+def test_box_masks_are_fixed_by_example_and_cover_a_quarter_to_three_quarters_of_each_side():
+  masks = concat.box_masks(0, 0, np.arange(200), 32)
+  np.testing.assert_array_equal(masks[50:60], concat.box_masks(0, 0, np.arange(50, 60), 32))
+  assert not np.array_equal(masks[:10], concat.box_masks(0, 1, np.arange(10), 32))  # another host's examples
+  rows, cols = masks[..., 0].any(axis=2).sum(axis=1), masks[..., 0].any(axis=1).sum(axis=1)
+  assert rows.min() >= 8 and cols.min() >= 8 and rows.max() <= 24 and cols.max() <= 24
+  np.testing.assert_array_equal(masks[..., 0].sum(axis=(1, 2)), rows * cols)  # one solid box each
+  assert 0.15 < masks.mean() < 0.35
+
+
+def test_condition_scales_the_masked_latent_and_guidance_tiles_it():
+  stored = {'masked_latent': np.ones((2, 4, 4, 3), np.float32), 'inpaint_mask': np.zeros((2, 4, 4, 1), np.float32)}
+  condition = concat.condition(stored, 'inpainting', 0.5)
+  np.testing.assert_array_equal(condition[..., :3], 0.5)
+  seen = []
+  fn = concat.with_concat(lambda x, t, c: seen.append(x) or x[..., :3], condition)
+  fn(jnp.zeros((4, 4, 4, 3)), None, None)  # a guided batch: unconditional + conditional halves
+  assert seen[0].shape == (4, 4, 4, 7)
+  np.testing.assert_array_equal(seen[0][2:, ..., 3:], condition)
+  with pytest.raises(ValueError, match="concat='upscale' is not one of"):
+    concat.num_channels('upscale', 3)
+
+
+@pytest.mark.parametrize('config_module, in_channels', [(super_res, 3 + 3), (inpainting, 3 + 3 + 1)])
+def test_concat_models_take_the_paper_s_input_channels(config_module, in_channels):
+  config = config_module.get_config('smoke')
+  metadata = {'shape': [8, 8, 3], 'kind': 'vq', 'scale_factor': 1.0}
+  _, _, init = ldm.create(config, metadata)
+  state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  kernel = state.params['unet']['conv_in']['kernel']
+  assert getattr(kernel, 'value', kernel).shape[2] == in_channels
