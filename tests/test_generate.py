@@ -103,12 +103,16 @@ def scenes(indices, resolution=32):
 def test_prompt_agreement_is_one_for_the_data_and_low_for_mismatched_prompts():
   images, captions = scenes(range(100))
   exact = prompt_agreement.prompt_agreement(images, captions)
-  assert exact['colour_position'] == 1.0 and exact['shape_given_colour_position'] == 1.0
+  assert exact['colour'] == exact['colour_position'] == exact['shape_given_colour_position'] == 1.0
   assert exact['size_given_colour_position'] == 1.0 and exact['objects'] == sum(c.count(' and ') + 1 for c in captions)
   # Noise within the tolerance keeps every object; other scenes' captions mostly do not match.
   noisy = np.clip(images + np.random.default_rng(0).integers(-20, 21, images.shape), 0, 255).astype(np.uint8)
   assert prompt_agreement.prompt_agreement(noisy, captions)['colour_position'] == 1.0
   shuffled = prompt_agreement.prompt_agreement(images, captions[1:] + captions[:1])
-  assert shuffled['colour_position'] < 0.2
+  assert shuffled['colour_position'] < 0.2 and shuffled['colour'] < 0.4
+  # Flipping the images left-right keeps every colour and moves every object out of its named quadrant.
+  flipped = prompt_agreement.prompt_agreement(images[:, :, ::-1], captions)
+  centred = sum(c.count('center') for c in captions) / exact['objects']
+  assert flipped['colour'] == 1.0 and abs(flipped['colour_position'] - centred) < 1e-9
   blank = prompt_agreement.prompt_agreement(np.full_like(images, 240), captions)
-  assert blank['colour_position'] == 0.0
+  assert blank['colour'] == blank['colour_position'] == 0.0
