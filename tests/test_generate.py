@@ -116,3 +116,26 @@ def test_prompt_agreement_is_one_for_the_data_and_low_for_mismatched_prompts():
   assert flipped['colour'] == 1.0 and abs(flipped['colour_position'] - centred) < 1e-9
   blank = prompt_agreement.prompt_agreement(np.full_like(images, 240), captions)
   assert blank['colour'] == blank['colour_position'] == 0.0
+
+
+def test_sampling_loads_ema_params_and_falls_back_to_raw_params_with_a_warning(tmp_path, caplog):
+  from latent_diffusion.training import checkpoint  # pylint: disable=g-import-not-at-top
+  metadata = {'shape': [4, 4, 6], 'kind': 'kl', 'scale_factor': 0.5}
+  mesh = parallel.create_mesh(tiny_config().mesh)
+  for ema_decay in (0.999, 0.0):
+    config = tiny_config()
+    config.ldm.ema_decay = ema_decay
+    _, _, init = ldm.create(config, metadata)
+    state, _ = parallel.create_sharded(init, mesh, jax.random.PRNGKey(0))
+    state = state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))  # raw params != EMA params
+    workdir = tmp_path / str(ema_decay)
+    ckpt = checkpoint.Checkpointer(ldm.checkpoint_dir(str(workdir)))
+    ckpt.save(7, state, {'step': 7})
+    ckpt.wait()
+    ckpt.close()
+    caplog.clear()
+    _, _, params, step = ldm.load_trained(config, str(workdir), mesh, metadata)
+    expected = state.params if ema_decay == 0 else state.ema_params
+    assert step == 7
+    jax.tree.map(np.testing.assert_array_equal, params, expected)
+    assert ('keeps no EMA params' in caplog.text) == (ema_decay == 0)
