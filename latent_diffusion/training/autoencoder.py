@@ -12,7 +12,6 @@ from typing import Any
 
 from absl import logging
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,15 +218,9 @@ def load_trained(config, workdir, mesh):
   """The frozen first stage for later stages: (model, params (EMA when kept), checkpoint step), restored
   straight into their shardings without initialising a model first."""
   model = autoencoder_lib.create_autoencoder(config.autoencoder.model)
-  directory = checkpoint_dir(workdir)
-  ckpt = checkpoint.Checkpointer(directory)
-  step = ckpt.latest_step()
-  if step is None:
-    raise ValueError(f'No stage-1 checkpoint in {directory}; run the `autoencoder` stage first.')
   discriminator = discriminator_lib.NLayerDiscriminator(ndf=config.autoencoder.loss.disc_ndf,
                                                         n_layers=config.autoencoder.loss.disc_num_layers)
   image_shape = (config.data.resolution, config.data.resolution, 3)
-  abstract = jax.eval_shape(make_init(config, model, discriminator, image_shape), jax.random.PRNGKey(0))
-  state, _ = ckpt.restore(step, nn.meta.unbox(abstract), parallel.tree_shardings(abstract, mesh))
-  ckpt.close()
+  state, step = checkpoint.restore_newest(checkpoint_dir(workdir), make_init(config, model, discriminator,
+                                                                             image_shape), mesh, STAGE)
   return model, state.generator.eval_params['autoencoder'], step

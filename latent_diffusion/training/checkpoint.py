@@ -3,7 +3,10 @@
 from absl import logging
 from etils import epath
 import jax
+import flax.linen as nn
 import orbax.checkpoint as ocp
+
+from latent_diffusion import parallel
 
 
 def latest_saved_step(directory):
@@ -44,3 +47,16 @@ class Checkpointer:
 
   def close(self):
     self._manager.close()
+
+
+def restore_newest(directory, init, mesh, stage):
+  """(state, step) of the newest checkpoint under `directory`, restored straight into the shardings of
+  `init(rng)`'s state without running `init`; `stage` names the stage to run when there is none."""
+  ckpt = Checkpointer(directory)
+  step = ckpt.latest_step()
+  if step is None:
+    raise ValueError(f'No {stage} checkpoint in {directory}; run the `{stage}` stage first.')
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  state, _ = ckpt.restore(step, nn.meta.unbox(abstract), parallel.tree_shardings(abstract, mesh))
+  ckpt.close()
+  return state, step

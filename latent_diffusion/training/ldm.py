@@ -8,7 +8,6 @@ Every `eval_every` steps it draws the configured prompts with the EMA params (th
 import os
 
 from absl import logging
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,14 +194,7 @@ def load_trained(config, workdir, mesh, metadata):
   """The trained stage 2 for sampling: (unet, conditioner, EMA params (raw params, with a warning, when no EMA
   is kept), step), restored straight into their shardings."""
   unet, conditioner, init = create(config, metadata)
-  directory = checkpoint_dir(workdir)
-  ckpt = checkpoint.Checkpointer(directory)
-  step = ckpt.latest_step()
-  if step is None:
-    raise ValueError(f'No ldm checkpoint in {directory}; run the `ldm` stage first.')
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  state, _ = ckpt.restore(step, nn.meta.unbox(abstract), parallel.tree_shardings(abstract, mesh))
-  ckpt.close()
+  state, step = checkpoint.restore_newest(checkpoint_dir(workdir), init, mesh, STAGE)
   if state.ema_params is None:
     logging.warning('The ldm checkpoint at step %d keeps no EMA params (ldm.ema_decay=0); sampling with the raw '
                     'params.', step)
