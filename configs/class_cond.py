@@ -27,7 +27,7 @@ def get_config(arg=None):
       conditioning=dict(kind='class', num_classes=1001, width=512),  # id 1000: the null class
       learning_rate=1e-4, batch_size=1024, total_steps=178_000)  # our pod settings; the paper omits them
   c.sampling = config_lib.sampling(num_steps=250, guidance_scales=(1.5,), class_ids=(88, 207, 360, 387, 974))
-  c.eval = config_lib.evaluation(50_000)
+  c.eval = config_lib.evaluation(50_000, reference_split='train', num_reference=50_000)
   c.mesh = config_lib.mesh()
 
   if arg.smoke:

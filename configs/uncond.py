@@ -25,7 +25,7 @@ def get_config(arg=None):
                 num_head_channels=32),
       conditioning=dict(kind='none'), learning_rate=2e-6 * 48, batch_size=48, total_steps=410_000)
   c.sampling = config_lib.sampling(num_steps=200, seeds=tuple(range(16)))
-  c.eval = config_lib.evaluation(50_000)
+  c.eval = config_lib.evaluation(50_000, reference_split='train', num_reference=50_000)
   c.mesh = config_lib.mesh()
 
   if arg.smoke:

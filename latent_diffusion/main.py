@@ -32,7 +32,7 @@ def main(argv):
   try:
     workdir_lib.prepare(FLAGS.config, FLAGS.workdir)
     report = stages.run(FLAGS.stage, FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, stages.StageNotBuiltError) as e:
+  except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f'Error: {e}') from e
   for name, outcome in report.items():
     print(f'stage {name:<12} {outcome}')

@@ -2,18 +2,11 @@
 
 import importlib
 
-from absl import logging
-
 STAGES = ('autoencoder', 'latents', 'ldm', 'sample', 'eval')
-# Stages whose implementation has not landed yet, with the issue that builds each.
-NOT_BUILT = {'eval': 6}
-# Built stages: name -> module with `is_done(config, workdir)` and `run(config, workdir)`, imported when used.
-_BUILT = {'autoencoder': 'latent_diffusion.training.autoencoder', 'latents': 'latent_diffusion.training.latents',
-          'ldm': 'latent_diffusion.training.ldm', 'sample': 'latent_diffusion.training.sample'}
-
-
-class StageNotBuiltError(RuntimeError):
-  pass
+# name -> module with `is_done(config, workdir)` and `run(config, workdir)`, imported when used.
+_MODULES = {'autoencoder': 'latent_diffusion.training.autoencoder',
+            'latents': 'latent_diffusion.training.latents', 'ldm': 'latent_diffusion.training.ldm',
+            'sample': 'latent_diffusion.training.sample', 'eval': 'latent_diffusion.training.evaluate'}
 
 
 def run(stage, config, workdir):
@@ -22,16 +15,7 @@ def run(stage, config, workdir):
     raise ValueError(f"Unknown stage '{stage}'; choose 'all' or one of {STAGES}.")
   report = {}
   for name in STAGES if stage == 'all' else (stage,):
-    if name in NOT_BUILT:
-      message = f"The '{name}' stage is not built yet (issue #{NOT_BUILT[name]}); nothing was run for it."
-      if stage != 'all':
-        raise StageNotBuiltError(message)
-      later = STAGES[STAGES.index(name) + 1:]
-      logging.warning('%s Stopping here: %s depend on it.', message, ', '.join(later) or 'no stages')
-      report[name] = 'not built yet'
-      report.update({n: f'skipped (needs {name})' for n in later})
-      break
-    module = importlib.import_module(_BUILT[name])
+    module = importlib.import_module(_MODULES[name])
     if stage == 'all' and module.is_done(config, workdir):
       report[name] = 'already done'
       continue

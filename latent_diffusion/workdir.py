@@ -29,6 +29,20 @@ def flatten(tree, prefix=''):
   return flat
 
 
+def _tuples(tree):
+  if isinstance(tree, dict):
+    return {k: _tuples(v) for k, v in tree.items()}
+  return tuple(_tuples(v) for v in tree) if isinstance(tree, list) else tree
+
+
+def load_config(workdir):
+  """The resolved config a workdir was run with (WORKDIR/config.json), e.g. to evaluate it from a notebook."""
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
+    raise FileNotFoundError(f'{path} not found: is {workdir} a workdir of `python -m latent_diffusion.main`?')
+  return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+
+
 def _is_identity(path):
   under = lambda prefixes: any(path == p or path.startswith(p + '.') for p in prefixes)
   return under(IDENTITY_FIELDS) and not under(MUTABLE_FIELDS)

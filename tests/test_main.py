@@ -48,10 +48,12 @@ def test_a_stage_writes_the_config_and_incompatible_reruns_are_refused(tmp_path,
   assert json.loads((tmp_path / 'config.json').read_text())['ldm']['total_steps'] == 10
 
 
-def test_a_stage_that_is_not_built_fails_plainly(tmp_path):
-  result = main('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}', '--stage=eval')
+def test_eval_without_inception_weights_stops_before_any_compute(tmp_path):
+  result = main('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}', '--stage=eval',
+                f'--config.eval.inception_weights={tmp_path}/fid_inception.msgpack')
   assert result.returncode != 0
-  assert "The 'eval' stage is not built yet (issue #6); nothing was run for it." in result.stderr
+  assert 'fid_inception.msgpack' in result.stderr and 'pt_inception-2015-12-05-6726825d.pth' in result.stderr
+  assert 'python -m latent_diffusion.weights.inception' in result.stderr
   assert not (tmp_path / 'eval').exists()
 
 

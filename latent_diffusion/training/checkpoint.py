@@ -9,11 +9,16 @@ import orbax.checkpoint as ocp
 from latent_diffusion import parallel
 
 
-def latest_saved_step(directory):
-  """The newest step saved under `directory` (orbax renames a checkpoint into place only when complete), or None."""
+def saved_steps(directory):
+  """The steps saved under `directory`, ascending (orbax renames a checkpoint into place only when complete)."""
   path = epath.Path(directory)
-  steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()] if path.exists() else []
-  return max(steps) if steps else None
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.exists() else []
+
+
+def latest_saved_step(directory):
+  """The newest step saved under `directory`, or None."""
+  steps = saved_steps(directory)
+  return steps[-1] if steps else None
 
 
 class Checkpointer:
@@ -28,6 +33,9 @@ class Checkpointer:
 
   def latest_step(self):
     return self._manager.latest_step()
+
+  def all_steps(self):
+    return sorted(self._manager.all_steps())
 
   def save(self, step, state, meta):
     """Starts writing in the background; the files appear under their final name only when complete."""
@@ -49,13 +57,15 @@ class Checkpointer:
     self._manager.close()
 
 
-def restore_newest(directory, init, mesh, stage):
-  """(state, step) of the newest checkpoint under `directory`, restored straight into the shardings of
-  `init(rng)`'s state without running `init`; `stage` names the stage to run when there is none."""
+def restore_newest(directory, init, mesh, stage, step=None):
+  """(state, step) of the newest checkpoint under `directory` (or the one at `step`), restored straight into the
+  shardings of `init(rng)`'s state without running `init`; `stage` names the stage to run when there is none."""
   ckpt = Checkpointer(directory)
-  step = ckpt.latest_step()
-  if step is None:
+  if ckpt.latest_step() is None:
     raise ValueError(f'No {stage} checkpoint in {directory}; run the `{stage}` stage first.')
+  if step is not None and step not in ckpt.all_steps():
+    raise ValueError(f'No {stage} checkpoint at step {step} in {directory}; it holds {ckpt.all_steps()}.')
+  step = ckpt.latest_step() if step is None else step
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   state, _ = ckpt.restore(step, nn.meta.unbox(abstract), parallel.tree_shardings(abstract, mesh))
   ckpt.close()

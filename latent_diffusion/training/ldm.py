@@ -19,6 +19,7 @@ from latent_diffusion.diffusion import concat as concat_lib
 from latent_diffusion.diffusion import generate
 from latent_diffusion.diffusion import objective
 from latent_diffusion.diffusion import schedules
+from latent_diffusion.evaluation import evaluator as evaluator_lib
 from latent_diffusion.evaluation import prompt_agreement
 from latent_diffusion.models import conditioning
 from latent_diffusion.models import unet as unet_lib
@@ -163,16 +164,23 @@ def make_generator(config, workdir, mesh, unet, conditioner, metadata):
   return generator, ae_params
 
 
-def make_evaluate(config, generator, ae_params):
+def make_evaluate(config, workdir, generator, ae_params, fid_evaluator=None):
   """Periodic sampling: the configured prompts drawn with the EMA params, as a grid, plus prompt agreement on
-  the built-in dataset."""
+  the built-in dataset; with an `fid_evaluator`, also FID (IS, precision/recall) of eval.training_num_samples
+  fresh samples."""
   requests = generate.requests_from_config(config.sampling, config.ldm.conditioning.kind,
                                           config.ldm.conditioning.concat)
 
   def evaluate(state, step):
     del step
     images = generator(state.eval_params, ae_params, requests)
-    return sample_scalars(config, requests, images), {'samples': images / 127.5 - 1.0}
+    scalars = sample_scalars(config, requests, images)
+    if fid_evaluator is not None:
+      fresh = evaluator_lib.eval_requests(config, workdir, config.eval.training_num_samples)
+      out, _ = evaluator_lib.sample_features(config, fid_evaluator, generator, state.eval_params, ae_params,
+                                             fresh, lambda *_: {}, chunk=len(fresh.seeds))
+      scalars.update(fid_evaluator.metrics(out))
+    return scalars, {'samples': images / 127.5 - 1.0}
 
   return evaluate
 
@@ -190,11 +198,11 @@ def checkpoint_dir(workdir):
   return os.path.join(workdir, STAGE, 'checkpoints')
 
 
-def load_trained(config, workdir, mesh, metadata):
+def load_trained(config, workdir, mesh, metadata, step=None):
   """The trained stage 2 for sampling: (unet, conditioner, EMA params (raw params, with a warning, when no EMA
-  is kept), step), restored straight into their shardings."""
+  is kept), step), from the newest checkpoint or the one at `step`, restored straight into their shardings."""
   unet, conditioner, init = create(config, metadata)
-  state, step = checkpoint.restore_newest(checkpoint_dir(workdir), init, mesh, STAGE)
+  state, step = checkpoint.restore_newest(checkpoint_dir(workdir), init, mesh, STAGE, step)
   if state.ema_params is None:
     logging.warning('The ldm checkpoint at step %d keeps no EMA params (ldm.ema_decay=0); sampling with the raw '
                     'params.', step)
@@ -226,9 +234,11 @@ def run(config, workdir):
       yield {'latent': batch['latent'], **concat, **conditioner.inputs(batch)}
 
   generator, ae_params = make_generator(config, workdir, mesh, unet, conditioner, metadata)
+  fid_evaluator = (evaluator_lib.Evaluator(config, workdir, mesh)  # fails now if the Inception weights are missing
+                   if config.eval.training_num_samples else None)
   task = loop.Task(init=init, batches=batches, train_step=make_train_step(
       config, unet, conditioner, schedule, metadata['scale_factor'], metadata['kind']),
-                   evaluate=make_evaluate(config, generator, ae_params))
+                   evaluate=make_evaluate(config, workdir, generator, ae_params, fid_evaluator))
   s = ldm.train_schedule
   return loop.train(task, workdir=os.path.join(workdir, STAGE), mesh=mesh, seed=config.seed,
                     total_steps=ldm.total_steps, log_every=s.log_every, checkpoint_every=s.checkpoint_every,

@@ -64,9 +64,6 @@ def load(path):
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('vgg16', None, "torchvision VGG16 state dict (vgg16-397923af.pth).")
-flags.DEFINE_string('lin', None, "lpips lin-layer weights (default: the installed lpips package's vgg.pth).")
-flags.DEFINE_string('out', None, 'Output msgpack file.')
 
 
 def main(argv):
@@ -76,5 +73,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  flags.DEFINE_string('vgg16', None, "torchvision VGG16 state dict (vgg16-397923af.pth).")
+  flags.DEFINE_string('lin', None, "lpips lin-layer weights (default: the installed lpips package's vgg.pth).")
+  flags.DEFINE_string('out', None, 'Output msgpack file.')
   flags.mark_flags_as_required(['vgg16', 'out'])
   app.run(main)
