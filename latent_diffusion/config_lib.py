@@ -163,8 +163,11 @@ def mesh():
 
 
 def train_schedule(*, log_every, checkpoint_every, eval_every, keep_checkpoints=3):
+  """How a stage's train loop logs, evaluates and checkpoints; `on_nonfinite`: 'stop' the run (keeping the
+  checkpoints) or 'skip' the update when the loss or gradient norm is not finite."""
   return ml_collections.ConfigDict(dict(log_every=log_every, checkpoint_every=checkpoint_every,
-                                        eval_every=eval_every, keep_checkpoints=keep_checkpoints))
+                                        eval_every=eval_every, keep_checkpoints=keep_checkpoints,
+                                        on_nonfinite='stop'))
 
 
 def data(name, resolution, **overrides):

@@ -11,6 +11,10 @@ import tensorflow as tf
 from latent_diffusion import parallel
 from latent_diffusion import stages
 from latent_diffusion import workdir as workdir_lib
+from latent_diffusion.training import loop
+
+# Exit status after a clean stop on SIGTERM or a preemption notice (128 + SIGTERM): restart loops rerun on it.
+PREEMPTED_EXIT_STATUS = 143
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/txt2img.py:smoke.', lock_config=True)
@@ -32,8 +36,11 @@ def main(argv):
   try:
     workdir_lib.prepare(FLAGS.config, FLAGS.workdir)
     report = stages.run(FLAGS.stage, FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, PermissionError) as e:
     raise SystemExit(f'Error: {e}') from e
+  except loop.Preempted as e:
+    print(f'Preempted: {e}', flush=True)
+    raise SystemExit(PREEMPTED_EXIT_STATUS) from e
   for name, outcome in report.items():
     print(f'stage {name:<12} {outcome}')
 

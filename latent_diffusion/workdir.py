@@ -1,9 +1,13 @@
-"""The run's resolved config in `WORKDIR/config.json`, and the refusal to mix incompatible runs in one workdir."""
+"""The run's resolved config in `WORKDIR/config.json`, the refusal to mix incompatible runs in one workdir, and
+the check that the workdir can be written before compute is spent."""
 
 import json
+import os
+import shutil
 
 from absl import logging
 from etils import epath
+import jax
 import ml_collections
 
 from latent_diffusion import files
@@ -55,8 +59,34 @@ def incompatible_fields(old, new):
           if _is_identity(p) and old.get(p, '<absent>') != new.get(p, '<absent>')]
 
 
+# Less free space than this on a local workdir's disk stops the run before any compute (checkpoints, latents).
+MIN_FREE_BYTES = 1 << 30
+
+
+def check_writable(workdir, min_free_bytes=MIN_FREE_BYTES):
+  """A clear error, before compute is spent, for a workdir that cannot be written or whose disk is full."""
+  if '://' not in str(workdir):
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free < min_free_bytes:
+      raise ValueError(f'Only {free / 2**20:.0f} MiB free on the disk of --workdir={workdir} (at least '
+                       f'{min_free_bytes / 2**20:.0f} MiB needed for checkpoints and latents); free space or '
+                       'use a workdir on another disk.')
+  probe = epath.Path(workdir) / f'.write_test.{jax.process_index()}'
+  try:
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text('ok')
+    probe.unlink()
+  except (OSError, PermissionError) as e:
+    raise ValueError(f'--workdir={workdir} is not writable ({type(e).__name__}: {e}); fix its permissions or '
+                     'choose another workdir.') from e
+
+
 def prepare(config: ml_collections.ConfigDict, workdir):
   """Creates the workdir, refuses a config that differs from the saved one in identity fields, saves it."""
+  check_writable(workdir)
   path = epath.Path(workdir) / 'config.json'
   new = json.loads(config.to_json_best_effort())
   if path.exists():

@@ -23,8 +23,7 @@ for var in NUM_PROCESSES DEVICES PORT; do
 done
 
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
-trap cleanup EXIT INT TERM
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT INT TERM
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES}" JAX_PLATFORMS=cpu \
     "$PYTHON" -m latent_diffusion.main --coordinator_address="127.0.0.1:${PORT}" \

@@ -111,3 +111,14 @@ def test_stage_names_are_the_pipeline_order():
   assert stages.STAGES == ('autoencoder', 'latents', 'ldm', 'sample', 'eval')
   with pytest.raises(ValueError, match="Unknown stage 'train'"):
     stages.run('train', None, '/tmp')
+
+
+def test_unwritable_or_full_workdir_is_refused_before_any_compute(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  result = main('--config=configs/txt2img.py:smoke', f'--workdir={blocker}/run')
+  assert result.returncode != 0 and 'is not writable' in result.stderr and 'choose another workdir' in result.stderr
+  with pytest.raises(ValueError, match=r'MiB free on the disk of --workdir=.*free space or use a workdir on another'):
+    workdir_lib.check_writable(str(tmp_path / 'run'), min_free_bytes=1 << 60)
+  workdir_lib.check_writable(str(tmp_path / 'run'))
+  assert list((tmp_path / 'run').iterdir()) == []  # the probe file is removed

@@ -1,5 +1,6 @@
 """Train-loop machinery: EMA warm-up, resume that repeats the uninterrupted run, summaries, NaN guard."""
 
+import dataclasses
 import glob
 import os
 
@@ -112,6 +113,27 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):
   mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
   with pytest.raises(FloatingPointError, match=r"Non-finite \['loss'\] before step 5.*last checkpoint"):
     run(tmp_path, 30, mesh, task=regression_task(lr=1e30))
+
+
+def test_non_finite_updates_are_skipped_when_configured(tmp_path):
+  mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
+  task = regression_task()
+  clean = task.batches
+
+  def poisoned(start_step):  # steps 2 and 7 (0-based) see a NaN batch
+    for step, batch in enumerate(clean(start_step), start_step):
+      yield {**batch, 'x': batch['x'] * np.nan} if step in (2, 7) else batch
+
+  task = dataclasses.replace(task, batches=poisoned)
+  state = loop.train(task, workdir=str(tmp_path), mesh=mesh, seed=0, total_steps=30, log_every=5,
+                     checkpoint_every=10, on_nonfinite='skip')
+  assert np.all(np.isfinite(state.params['kernel']))
+  scalars = read_summaries(tmp_path)
+  assert dict(scalars['train/skipped']) == {5: 1.0, 10: 1.0, 15: 0.0, 20: 0.0, 25: 0.0, 30: 0.0}
+  losses = [v for _, v in scalars['train/loss']]
+  assert all(np.isfinite(losses)) and losses[-1] < 0.1 * losses[0]  # training went on past the bad batches
+  with pytest.raises(ValueError, match="on_nonfinite='ignore'"):
+    loop.train(task, workdir=str(tmp_path), mesh=mesh, seed=0, total_steps=30, on_nonfinite='ignore')
 
 
 def test_image_grid_places_images_row_major():

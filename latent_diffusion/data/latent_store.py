@@ -133,29 +133,35 @@ def load(directory):
 
 
 class LatentBatches:
-  """Endless host-local batches from a loaded store, in an order fixed by the seed: epoch e is the permutation
-  `default_rng([seed, e])` of this host's slice, so starting at step k gives the batches of an uninterrupted run."""
+  """Endless host-local batches from a loaded store, in an order fixed by the seed alone: epoch e is the
+  permutation `default_rng([seed, e])` of all examples, global batch k is its next `global_batch_size`
+  examples, and each host takes its rows of that batch. So the global batches do not depend on the number of
+  hosts, and starting at step k gives the batches of an uninterrupted run."""
 
   def __init__(self, arrays, global_batch_size, *, seed, start_step=0):
-    n = len(arrays['latent']) // jax.process_count()
-    if n == 0:
-      raise ValueError('The latent store has fewer examples than hosts.')
-    host = slice(jax.process_index() * n, (jax.process_index() + 1) * n)
-    self.arrays = {k: v[host] for k, v in arrays.items()}
-    self.batch_size = global_batch_size // jax.process_count()
-    self.seed, self.position, self.num_examples = seed, start_step * self.batch_size, n
+    self.arrays, self.num_examples = arrays, len(arrays['latent'])
+    if global_batch_size % jax.process_count():
+      raise ValueError(f'The global batch size {global_batch_size} is not divisible by the {jax.process_count()} '
+                       'hosts.')
+    self.global_batch_size = global_batch_size
+    local = global_batch_size // jax.process_count()
+    self.rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    self.seed, self.position = seed, start_step * global_batch_size
+    self._epoch = None
 
   def _order(self, epoch):
-    return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+    if self._epoch is None or self._epoch[0] != epoch:
+      self._epoch = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_examples))
+    return self._epoch[1]
 
   def __iter__(self):
     return self
 
   def __next__(self):
     indices = []
-    while len(indices) < self.batch_size:
+    while len(indices) < self.global_batch_size:
       epoch, offset = divmod(self.position, self.num_examples)
-      take = min(self.batch_size - len(indices), self.num_examples - offset)
+      take = min(self.global_batch_size - len(indices), self.num_examples - offset)
       indices.extend(self._order(epoch)[offset:offset + take])
       self.position += take
-    return {k: v[np.asarray(indices)] for k, v in self.arrays.items()}
+    return {k: v[np.asarray(indices[self.rows])] for k, v in self.arrays.items()}

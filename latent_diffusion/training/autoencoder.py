@@ -207,11 +207,8 @@ def run(config, workdir):
       batches=lambda start: ({'image': b['image']} for b in input_pipeline.train_iterator(
           config.data, ae.batch_size, seed=config.seed, start_step=start)),
       evaluate=make_evaluate(config, model, mesh, lpips_params))
-  schedule = ae.train_schedule
   return loop.train(task, workdir=os.path.join(workdir, STAGE), mesh=mesh, seed=config.seed,
-                    total_steps=ae.total_steps, log_every=schedule.log_every,
-                    checkpoint_every=schedule.checkpoint_every, eval_every=schedule.eval_every,
-                    keep_checkpoints=schedule.keep_checkpoints)
+                    total_steps=ae.total_steps, **ae.train_schedule.to_dict())
 
 
 def load_trained(config, workdir, mesh):

@@ -37,6 +37,10 @@ class Checkpointer:
   def all_steps(self):
     return sorted(self._manager.all_steps())
 
+  def reached_preemption(self, step):
+    """Whether every host has reached the preemption sync point (always False without jax.distributed)."""
+    return self._manager.reached_preemption(step)
+
   def save(self, step, state, meta):
     """Starts writing in the background; the files appear under their final name only when complete."""
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -49,6 +53,25 @@ class Checkpointer:
                                                                    meta=ocp.args.JsonRestore()))
     logging.info('Restored checkpoint %s/%d.', self.directory, step)
     return restored['state'], restored['meta']
+
+  def restore_latest_readable(self, state, shardings):
+    """(state, step) of the newest checkpoint that reads back, or (state, 0) when there is none. A checkpoint
+    that fails to read (truncated or corrupt files) is reported and moved aside to `<step>.corrupt`, never
+    deleted, and the one before it is used."""
+    for step in reversed(self.all_steps()):
+      try:
+        restored, _ = self.restore(step, state, shardings)
+        return restored, step
+      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
+        aside = epath.Path(self.directory) / f'{step}.corrupt'
+        logging.warning('Checkpoint %s/%d cannot be read (%s: %s); moving it to %s and using the previous one.',
+                        self.directory, step, type(e).__name__, str(e)[:300], aside)
+        parallel.sync(f'checkpoint.corrupt.{step}')
+        if parallel.is_main_process():
+          (epath.Path(self.directory) / str(step)).rename(aside)
+        parallel.sync(f'checkpoint.aside.{step}')
+        self._manager.reload()
+    return state, 0
 
   def wait(self):
     self._manager.wait_until_finished()
@@ -65,8 +88,13 @@ def restore_newest(directory, init, mesh, stage, step=None):
     raise ValueError(f'No {stage} checkpoint in {directory}; run the `{stage}` stage first.')
   if step is not None and step not in ckpt.all_steps():
     raise ValueError(f'No {stage} checkpoint at step {step} in {directory}; it holds {ckpt.all_steps()}.')
-  step = ckpt.latest_step() if step is None else step
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  state, _ = ckpt.restore(step, nn.meta.unbox(abstract), parallel.tree_shardings(abstract, mesh))
+  target, shardings = nn.meta.unbox(abstract), parallel.tree_shardings(abstract, mesh)
+  if step is None:
+    state, step = ckpt.restore_latest_readable(target, shardings)
+    if not step:
+      raise ValueError(f'No readable {stage} checkpoint in {directory}; run the `{stage}` stage again.')
+  else:
+    state, _ = ckpt.restore(step, target, shardings)
   ckpt.close()
   return state, step

@@ -239,7 +239,5 @@ def run(config, workdir):
   task = loop.Task(init=init, batches=batches, train_step=make_train_step(
       config, unet, conditioner, schedule, metadata['scale_factor'], metadata['kind']),
                    evaluate=make_evaluate(config, workdir, generator, ae_params, fid_evaluator))
-  s = ldm.train_schedule
   return loop.train(task, workdir=os.path.join(workdir, STAGE), mesh=mesh, seed=config.seed,
-                    total_steps=ldm.total_steps, log_every=s.log_every, checkpoint_every=s.checkpoint_every,
-                    eval_every=s.eval_every, keep_checkpoints=s.keep_checkpoints)
+                    total_steps=ldm.total_steps, **ldm.train_schedule.to_dict())

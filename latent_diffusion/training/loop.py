@@ -6,10 +6,12 @@ evaluation) and calls `train`. The loop owns the rest, so a fix here reaches eve
 
 import dataclasses
 import os
+import signal
 from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from latent_diffusion import parallel
@@ -33,53 +35,108 @@ class Task:
   evaluate: Optional[Callable[[Any, int], tuple]] = None
 
 
+class Preempted(Exception):
+  """Training stopped on SIGTERM or a preemption notice, after saving a checkpoint at the current step."""
+
+
+class _PreemptionWatch:
+  """Whether to stop now: the multi-host preemption sync point (JAX's service turns SIGTERM or the TPU
+  maintenance notice into one step that every host agrees on), or with one process our own SIGTERM handler."""
+
+  def __init__(self, ckpt):
+    self._ckpt, self._signalled, self._previous = ckpt, False, None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: saving a checkpoint after the current step, then stopping.')
+    self._signalled = True
+
+  def __call__(self, step):
+    return self._signalled or self._ckpt.reached_preemption(step)
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _skip_nonfinite(train_step):
+  """A step that keeps the old state when any metric (loss, gradient norm) is not finite, and counts it."""
+  def step(state, batch, rng):
+    new_state, metrics = train_step(state, batch, rng)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return new_state, {**metrics, 'skipped': 1.0 - finite.astype(jnp.float32)}
+  return step
+
+
 def train(task, *, workdir, mesh, seed, total_steps, log_every=50, checkpoint_every=1000, eval_every=0,
-          keep_checkpoints=3):
-  """Trains `task` until `total_steps`, resuming from the newest checkpoint in `workdir/checkpoints`.
+          keep_checkpoints=3, on_nonfinite='stop'):
+  """Trains `task` until `total_steps`, resuming from the newest readable checkpoint in `workdir/checkpoints`.
 
   Per-step randomness is `fold_in(rng, step)` and the data restart at the resumed step, so a resumed run
-  repeats the uninterrupted one. Returns the final state.
+  repeats the uninterrupted one. On SIGTERM or a preemption notice it saves the current step and raises
+  `Preempted`. A non-finite loss or gradient norm stops the run (`on_nonfinite='stop'`) or skips the update
+  (`'skip'`). Returns the final state.
   """
+  if on_nonfinite not in ('stop', 'skip'):
+    raise ValueError(f"train_schedule.on_nonfinite='{on_nonfinite}': choose 'stop' or 'skip'.")
   writer = summaries.create_writer(workdir)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
   state, shardings = parallel.create_sharded(task.init, mesh, init_rng)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=keep_checkpoints)
-  start_step = ckpt.latest_step() or 0
-  if start_step:
-    state, _ = ckpt.restore(start_step, state, shardings)
+  state, start_step = ckpt.restore_latest_readable(state, shardings)
   logging.info('Training %s from step %d to %d.', workdir, start_step, total_steps)
 
   replicated = parallel.replicated(mesh)
-  step_fn = jax.jit(task.train_step, in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
+  train_step = _skip_nonfinite(task.train_step) if on_nonfinite == 'skip' else task.train_step
+  step_fn = jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
                     out_shardings=(shardings, replicated), donate_argnums=0)
   progress = summaries.create_progress(total_steps, writer)
   batches = task.batches(start_step)
+  preempted = _PreemptionWatch(ckpt)
   history = []
-  for step in range(start_step, total_steps):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      batch = input_pipeline.to_global(next(batches), mesh)
-      state, metrics = step_fn(state, batch, jax.random.fold_in(train_rng, step))
-    history.append(metrics)
-    done = step + 1
-    progress(done)
-    if done % log_every == 0 or done == total_steps:
-      _write_train_metrics(writer, done, history, ckpt.latest_step())
-      history = []
-    if task.evaluate and eval_every and (done % eval_every == 0 or done == total_steps):
-      scalars, images = task.evaluate(state, done)
-      writer.write_scalars(done, {f'val/{k}': v for k, v in scalars.items()})
-      summaries.write_grids(writer, done, images)
-    if done % checkpoint_every == 0 or done == total_steps:
-      ckpt.save(done, state, {'step': done, 'seed': seed})
-  ckpt.wait()
-  ckpt.close()
-  writer.flush()
+  try:
+    for step in range(start_step, total_steps):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = input_pipeline.to_global(next(batches), mesh)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(train_rng, step))
+      history.append(metrics)
+      done = step + 1
+      progress(done)
+      if done % log_every == 0 or done == total_steps:
+        _write_train_metrics(writer, done, history, ckpt.latest_step())
+        history = []
+      if preempted(done):
+        ckpt.save(done, state, {'step': done, 'seed': seed})
+        ckpt.wait()
+        raise Preempted(f'Stopped at step {done} after saving its checkpoint in {workdir}/checkpoints; rerun '
+                        'the same command to resume.')
+      if task.evaluate and eval_every and (done % eval_every == 0 or done == total_steps):
+        scalars, images = task.evaluate(state, done)
+        writer.write_scalars(done, {f'val/{k}': v for k, v in scalars.items()})
+        summaries.write_grids(writer, done, images)
+      if done % checkpoint_every == 0 or done == total_steps:
+        ckpt.save(done, state, {'step': done, 'seed': seed})
+  finally:
+    preempted.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.flush()
   return state
 
 
 def _write_train_metrics(writer, step, history, last_checkpoint):
-  """Averages the metrics since the last write; a non-finite value stops the run, keeping the checkpoints."""
-  means = {k: float(np.mean([m[k] for m in jax.device_get(history)])) for k in history[0]}
+  """Averages the metrics since the last write (over the applied updates when some were skipped); a
+  non-finite value, or a window in which every update was skipped, stops the run, keeping the checkpoints."""
+  history = jax.device_get(history)
+  if 'skipped' in history[0]:
+    skipped = int(sum(m['skipped'] for m in history))
+    if skipped:
+      logging.warning('Skipped %d of the last %d updates: non-finite loss or gradients.', skipped, len(history))
+    history = [{**m, 'skipped': skipped} for m in history if not m['skipped']] or history
+  means = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
   bad = sorted(k for k, v in means.items() if not np.isfinite(v))
   if bad:
     raise FloatingPointError(
