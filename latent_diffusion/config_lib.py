@@ -102,7 +102,11 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
   c.unet = ml_collections.ConfigDict(dict(
       model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(4, 2, 1),
       num_heads=8, num_head_channels=-1, transformer_depth=1, dropout=0.0, use_scale_shift_norm=False,
-      resblock_updown=False))
+      resblock_updown=False,
+      # How it runs, not what it is (may change between restarts): models/attention.py's implementations,
+      # rematerialisation of every block in the backward pass, and the compute dtype (parameters stay float32;
+      # norms, softmax and the loss are float32).
+      attention='auto', remat=False, dtype='float32'))
   c.unet.update(unet)
   c.conditioning = ml_collections.ConfigDict(dict(
       kind='none', tokenizer='bytes', vocab_file='', max_length=77, width=512, depth=0, num_heads=8,

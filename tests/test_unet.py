@@ -76,10 +76,20 @@ def test_class_labels_change_the_output():
 
 def test_attention_implementations_agree():
   rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.normal(size=(2, n, 4, 8)), jnp.float32) for n in (6, 9, 9))
-  outputs = [attention.attention(q, k, v, implementation=i) for i in attention.IMPLEMENTATIONS]
-  for out in outputs[1:]:
-    np.testing.assert_allclose(np.asarray(out), np.asarray(outputs[0]), atol=1e-5)
+  for lq, lk in ((6, 9), (64, 77), (130, 130)):
+    q, k, v = (jnp.asarray(rng.normal(size=(2, n, 4, 8)), jnp.float32) for n in (lq, lk, lk))
+    expected = np.asarray(attention.attention(q, k, v, implementation='reference'))
+    on_cpu = [i for i in attention.IMPLEMENTATIONS if i != 'pallas_tpu']
+    for implementation in on_cpu:
+      np.testing.assert_allclose(attention.attention(q, k, v, implementation=implementation), expected, atol=1e-5)
+    for chunks in ((4, 5), (16, 16), (lq, lk)):  # chunk sizes that do and do not divide the lengths
+      np.testing.assert_allclose(attention.chunked_attention(q, k, v, *chunks), expected, atol=1e-5)
+    halves = [attention.attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), i)
+              for i in ('chunked', 'reference')]
+    assert halves[0].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(halves[0], np.float32), np.asarray(halves[1], np.float32), atol=2e-2)
+  with pytest.raises(ValueError, match="'pallas_tpu' runs on TPUs only"):
+    attention.attention(q, k, v, implementation='pallas_tpu')
   with pytest.raises(ValueError, match="Unknown attention implementation 'flash'"):
     attention.attention(q, k, v, implementation='flash')
 

@@ -99,7 +99,7 @@ class TextTransformer(nn.Module):
   width: int
   depth: int
   num_heads: int
-  attention: str = 'xla'
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, ids):

@@ -72,7 +72,7 @@ class CrossAttention(nn.Module):
   """Multi-head attention without q/k/v bias; attends to `context` (self-attention when None)."""
   num_heads: int
   head_dim: int
-  attention: str = 'xla'
+  attention: str = 'auto'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -92,7 +92,7 @@ class BasicTransformerBlock(nn.Module):
   num_heads: int
   head_dim: int
   dropout: float = 0.0
-  attention: str = 'xla'
+  attention: str = 'auto'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -113,7 +113,7 @@ class SpatialTransformer(nn.Module):
   head_dim: int
   depth: int = 1
   dropout: float = 0.0
-  attention: str = 'xla'
+  attention: str = 'auto'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -144,7 +144,7 @@ class UNet(nn.Module):
   use_scale_shift_norm: bool = False
   resblock_updown: bool = False
   num_classes: int = 0  # > 0: class-label embedding added to the time embedding
-  attention: str = 'xla'
+  attention: str = 'auto'
   remat: bool = False  # rematerialise each block in the backward pass (saves activation memory)
   dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
 
@@ -203,11 +203,12 @@ class UNet(nn.Module):
     return layers.conv(self.out_channels, kernel_init=zeros, name='out_conv', dtype=jnp.float32)(h)
 
 
-def create_unet(unet_config, out_channels, num_classes=0, dtype=jnp.float32):
-  """A `UNet` from the `ldm.unet` config section."""
+def create_unet(unet_config, out_channels, num_classes=0):
+  """A `UNet` from the `ldm.unet` config section (`dtype`: the compute dtype; parameters stay float32)."""
   return UNet(model_channels=unet_config.model_channels, out_channels=out_channels,
               channel_mult=tuple(unet_config.channel_mult), num_res_blocks=unet_config.num_res_blocks,
               attention_resolutions=tuple(unet_config.attention_resolutions), num_heads=unet_config.num_heads,
               num_head_channels=unet_config.num_head_channels, transformer_depth=unet_config.transformer_depth,
               dropout=unet_config.dropout, use_scale_shift_norm=unet_config.use_scale_shift_norm,
-              resblock_updown=unet_config.resblock_updown, num_classes=num_classes, dtype=dtype)
+              resblock_updown=unet_config.resblock_updown, num_classes=num_classes,
+              attention=unet_config.attention, remat=unet_config.remat, dtype=jnp.dtype(unet_config.dtype))
