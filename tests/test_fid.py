@@ -217,3 +217,34 @@ def test_psnr_and_ssim_match_scikit_image():
                                              data_range=1.0, channel_axis=-1)
     assert float(ssim[i]) == pytest.approx(expected, abs=1e-5)
     assert float(psnr[i]) == pytest.approx(metrics.peak_signal_noise_ratio(a, b, data_range=1.0), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_reference_stats_and_fid_score_commands(tmp_path, tfds_dir):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  run = lambda *args: subprocess.run([sys.executable, '-m', *args], cwd=os.path.dirname(os.path.dirname(__file__)),
+                                     env=env, capture_output=True, text=True, timeout=600)
+  out = tmp_path / 'ref.npz'
+  result = run('latent_diffusion.evaluation.reference_stats', '--config=configs/txt2img.py:smoke',
+               f'--config.data.data_dir={tfds_dir}', '--config.eval.batch_size=16', '--split=validation',
+               '--num_images=32', f'--out={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'statistics of 32 images of captioned_shapes/32 validation' in result.stdout
+  stats = np.load(out)
+  assert stats['mu'].shape == (2048,) and stats['sigma'].shape == (2048, 2048)
+  assert stats['features'].shape == (32, 2048)
+  images = tfds_images(tfds_dir, 16)
+  write_pngs(tmp_path / 'pngs', images)
+  same = run('latent_diffusion.evaluation.fid_score', str(out), str(out))
+  assert same.returncode == 0 and abs(float(same.stdout.split('FID:')[1])) < 1e-6, same.stderr[-3000:]
+  folder = run('latent_diffusion.evaluation.fid_score', '--batch_size=16', str(tmp_path / 'pngs'), str(out))
+  assert folder.returncode == 0, folder.stderr[-3000:]
+  assert 0 < float(folder.stdout.split('FID:')[1]) < 1000
+
+
+def tfds_images(tfds_dir, count):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  ds = tfds.load('captioned_shapes/32', split='test', data_dir=tfds_dir)
+  return np.stack([example['image'] for example in tfds.as_numpy(ds.take(count))])
