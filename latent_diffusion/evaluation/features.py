@@ -25,7 +25,6 @@ class Extractor:
 
   def __init__(self, variables, mesh, mode='pytorch_fid'):
     self.mesh = mesh
-    self.has_logits = bool(inception_weights.num_classes(variables))
     self.variables = jax.device_put(variables, parallel.replicated(mesh))
     model = inception.FIDInceptionV3(inception_weights.num_classes(variables))
     self._apply = jax.jit(lambda v, x: model.apply(v, inception.preprocess(x, mode)),

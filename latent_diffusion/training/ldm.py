@@ -170,13 +170,14 @@ def make_evaluate(config, workdir, generator, ae_params, fid_evaluator=None):
   fresh samples."""
   requests = generate.requests_from_config(config.sampling, config.ldm.conditioning.kind,
                                           config.ldm.conditioning.concat)
+  if fid_evaluator is not None:  # the FID conditions are read once, not at every evaluation
+    fresh = evaluator_lib.eval_requests(config, workdir, config.eval.training_num_samples)
 
   def evaluate(state, step):
     del step
     images = generator(state.eval_params, ae_params, requests)
     scalars = sample_scalars(config, requests, images)
     if fid_evaluator is not None:
-      fresh = evaluator_lib.eval_requests(config, workdir, config.eval.training_num_samples)
       out, _ = evaluator_lib.sample_features(config, fid_evaluator, generator, state.eval_params, ae_params,
                                              fresh, lambda *_: {}, chunk=len(fresh.seeds))
       scalars.update(fid_evaluator.metrics(out))
