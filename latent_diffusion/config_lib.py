@@ -56,7 +56,9 @@ def autoencoder(name, *, smoke=False):
   arch = AUTOENCODERS[name]
   c = ml_collections.ConfigDict()
   c.name = name
-  c.pretrained = ''  # A stage-1 checkpoint directory to use instead of training (see the weights/ issue).
+  # Imported weights instead of training: a diffusers AutoencoderKL/VQModel folder (or a Stable Diffusion folder
+  # with vae/) or a CompVis first-stage / LDM checkpoint file; `model` must describe the same architecture.
+  c.pretrained = ''
   c.model = ml_collections.ConfigDict(dict(
       kind=arch['kind'], ch=128, ch_mult=arch['ch_mult'], num_res_blocks=2,
       attn_resolutions=arch['attn_resolutions'], z_channels=arch['z_channels'],
@@ -104,14 +106,17 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
       num_heads=8, num_head_channels=-1, transformer_depth=1, dropout=0.0, use_scale_shift_norm=False,
       resblock_updown=False,
       # How it runs, not what it is (may change between restarts): models/attention.py's implementations,
-      # rematerialisation of every block in the backward pass, and the compute dtype (parameters stay float32;
-      # norms, softmax and the loss are float32).
-      attention='auto', remat=False, dtype='float32'))
+      # attention in float32 under a lower compute dtype (SD 2.1), rematerialisation of every block in the
+      # backward pass, and the compute dtype (parameters stay float32; norms, softmax and the loss are float32).
+      attention='auto', upcast_attention=False, remat=False, dtype='float32'))
   c.unet.update(unet)
+  # kind: 'text' (trained with the UNet), 'clip' (frozen, from the Stable Diffusion or CLIPTextModel folder
+  # `pretrained`), 'class' or 'none'; concat: '', 'low_res' (super-resolution) or 'inpainting'.
   c.conditioning = ml_collections.ConfigDict(dict(
-      kind='none', tokenizer='bytes', vocab_file='', max_length=77, width=512, depth=0, num_heads=8,
-      num_classes=0, concat=''))  # concat: '', 'low_res' (super-resolution) or 'inpainting'
+      kind='none', tokenizer='bytes', vocab_file='', pretrained='', max_length=77, width=512, depth=0,
+      num_heads=8, num_classes=0, concat=''))
   c.conditioning.update(conditioning)
+  c.init_from = ''  # UNet weights to start from (fine-tuning): a diffusers folder or a CompVis LDM checkpoint
   beta_start, beta_end = SCHEDULE_ENDS[schedule]
   c.schedule = ml_collections.ConfigDict(dict(
       kind='scaled_linear', num_timesteps=1000, beta_start=beta_start, beta_end=beta_end))

@@ -129,3 +129,8 @@ def to_host_local(tree, mesh):
 def to_host(tree):
   """Gathers a pytree of (possibly sharded, multi-host) arrays into full numpy arrays on every host."""
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def put(tree, shardings):
+  """Host arrays that every process holds whole (e.g. converted weights) -> global jax.Arrays in `shardings`."""
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), tree, shardings)

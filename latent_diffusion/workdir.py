@@ -18,8 +18,9 @@ IDENTITY_FIELDS = ('seed', 'data', 'autoencoder.name', 'autoencoder.model', 'aut
                    'autoencoder.batch_size', 'latents.dtype', 'latents.scale_factor', 'ldm.unet',
                    'ldm.conditioning', 'ldm.schedule', 'ldm.parameterization', 'ldm.batch_size')
 # Fields under IDENTITY_FIELDS that may change between restarts (where to find files, how fast to read data).
-MUTABLE_FIELDS = ('data.data_dir', 'data.prefetch', 'ldm.conditioning.vocab_file', 'ldm.unet.attention',
-                  'ldm.unet.remat', 'ldm.unet.dtype')
+MUTABLE_FIELDS = ('data.data_dir', 'data.prefetch', 'ldm.conditioning.vocab_file', 'ldm.conditioning.pretrained',
+                  'ldm.unet.attention',
+                  'ldm.unet.upcast_attention', 'ldm.unet.remat', 'ldm.unet.dtype')
 
 
 def flatten(tree, prefix=''):

@@ -107,6 +107,12 @@ def test_training_resumes_exactly_and_writes_summaries(tmp_path):
   assert [v for s, v in resumed_losses if s > 20] == pytest.approx(losses[4:], rel=1e-6)
   assert [s for s, _ in scalars['grid']] == [10, 20, 30]
   assert 'steps_per_sec' in scalars
+  # Throughput per logging window: 16 examples per step; the analytic FLOPs of the step (x W and the weight
+  # gradient x^T dy: 2 matmuls of 2 x 16 x 4 x 3) times the rate, per device. No MFU: a CPU's peak is unknown.
+  images = [v for _, v in scalars['perf/images_per_sec']]
+  tflops = [v for _, v in scalars['perf/tflops_per_sec_per_device']]
+  assert len(images) == 6 and min(images) > 0 and 'perf/mfu' not in scalars
+  np.testing.assert_allclose(np.array(tflops) * 1e12, np.array(images) / 16 * 2 * 2 * 16 * 4 * 3 / 8, rtol=1e-6)
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):

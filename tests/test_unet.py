@@ -94,6 +94,21 @@ def test_attention_implementations_agree():
     attention.attention(q, k, v, implementation='flash')
 
 
+def test_causal_attention_agrees_with_a_masked_softmax():
+  rng = np.random.default_rng(1)
+  for length in (7, 77):
+    q, k, v = (rng.normal(size=(2, length, 3, 8)).astype(np.float32) for _ in range(3))
+    logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(8)
+    logits[..., np.triu_indices(length, 1)[0], np.triu_indices(length, 1)[1]] = -np.inf
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    expected = np.einsum('bhqk,bkhd->bqhd', weights / weights.sum(-1, keepdims=True), v)
+    np.testing.assert_allclose(expected[:, 0], v[:, 0], atol=1e-6)  # the first token sees only itself
+    for implementation in ('auto', 'xla', 'reference', 'chunked'):
+      np.testing.assert_allclose(attention.attention(q, k, v, implementation, causal=True), expected, atol=1e-5)
+    for chunks in ((3, 5), (32, 16)):
+      np.testing.assert_allclose(attention.chunked_attention(q, k, v, *chunks, causal=True), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize('mesh_shape', [dict(data=4, fsdp=2, tensor=1), dict(data=4, fsdp=1, tensor=2)])
 def test_output_and_training_step_equal_on_1_and_8_devices(mesh_shape):
   model = unet_lib.UNet(**SMALL)

@@ -52,3 +52,10 @@ def random_pytorch_fid_inception(monkeypatch, seed=0):
   state_dict = {k: v for k, v in net.state_dict().items() if 'num_batches_tracked' not in k}
   monkeypatch.setattr(inception, 'load_state_dict_from_url', lambda *args, **kwargs: state_dict)
   return inception.InceptionV3().eval(), {k: v.numpy() for k, v in state_dict.items()}
+
+
+def import_torch():
+  """torch, with torchvision importable by transformers and diffusers."""
+  _skip_torchvision_ops()
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch

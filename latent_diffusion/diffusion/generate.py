@@ -16,6 +16,7 @@ from latent_diffusion import parallel
 from latent_diffusion.data import input_pipeline
 from latent_diffusion.diffusion import concat as concat_lib
 from latent_diffusion.diffusion import sampling
+from latent_diffusion.models import conditioning
 
 SAMPLERS = {'ddim': sampling.ddim_sample, 'plms': sampling.plms_sample,
             'dpm_solver_pp': sampling.dpm_solver_pp_sample}
@@ -39,7 +40,7 @@ def requests_from_config(sampling_config, kind, concat=''):
       raise ValueError(f"Sampling a model with both ldm.conditioning.concat='{concat}' and kind='{kind}' is not "
                        "supported: the `sample` stage draws concat models per stored example (kind='none').")
     conditions = [int(i) for i in s.condition_indices]
-  elif kind == 'text':
+  elif kind in conditioning.TEXT_KINDS:
     conditions = list(s.prompts)
     if s.prompt_file:
       if not tf.io.gfile.exists(s.prompt_file):
@@ -52,7 +53,8 @@ def requests_from_config(sampling_config, kind, concat=''):
   else:
     conditions = ['']  # unconditional: one row of seeds per guidance scale
   if not conditions:
-    raise ValueError(f'Nothing to sample: set sampling.{"prompts" if kind == "text" else "class_ids"}.')
+    field = 'prompts' if kind in conditioning.TEXT_KINDS else 'class_ids'
+    raise ValueError(f'Nothing to sample: set sampling.{field}.')
   grid = [(scale, c, seed) for scale in s.guidance_scales for c in conditions for seed in s.seeds]
   return Requests(conditions=[c for _, c, _ in grid], seeds=np.array([seed for *_, seed in grid], np.int32),
                   guidance_scales=np.array([scale for scale, *_ in grid], np.float32))
@@ -117,7 +119,7 @@ class Generator:
       stored = {k: self.concat_source[k][index] for k in concat_lib.KEYS[self.concat]}
       local['concat'] = np.asarray(concat_lib.condition(stored, self.concat, self.scale_factor), np.float32)
     else:
-      key = 'caption' if self.conditioner.kind == 'text' else 'label'
+      key = 'caption' if self.conditioner.kind in conditioning.TEXT_KINDS else 'label'
       local.update(self.conditioner.inputs({key: np.array(conditions[rows])}))
     batch = input_pipeline.to_global(local, self.mesh)
     seeds = batch.pop('seeds')

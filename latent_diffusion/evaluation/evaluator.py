@@ -16,6 +16,7 @@ from latent_diffusion.diffusion import generate
 from latent_diffusion.evaluation import features as features_lib
 from latent_diffusion.evaluation import fid
 from latent_diffusion.evaluation import sample_metrics
+from latent_diffusion.models import conditioning
 from latent_diffusion.weights import inception as inception_weights
 
 
@@ -80,9 +81,9 @@ def eval_requests(config, workdir, num_samples):
   if cond.concat:
     store, _ = latent_store.load(latent_store.split_dir(workdir, config.sampling.condition_split))
     conditions = list(range(len(next(iter(store.values())))))
-  elif cond.kind in ('text', 'class'):
+  elif cond.kind in conditioning.TEXT_KINDS + ('class',):
     source = sources.create_source(config.data, config.eval.reference_split)  # every host reads the same
-    key = 'caption' if cond.kind == 'text' else 'label'
+    key = 'caption' if cond.kind in conditioning.TEXT_KINDS else 'label'
     records = source.ordered().take(num_samples).map(lambda r: source.decode(r)[key])
     conditions = [c.decode() if isinstance(c, bytes) else int(c) for c in records.as_numpy_iterator()]
   else:

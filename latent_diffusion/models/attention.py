@@ -19,24 +19,31 @@ CHUNK = 512  # query and key chunk of 'chunked'
 _PALLAS_BLOCK = 128
 
 
-def attention(q, k, v, implementation='auto'):
-  """q [B, Lq, H, D], k and v [B, Lk, H, D] -> [B, Lq, H, D], scale 1/sqrt(D), no mask."""
+def attention(q, k, v, implementation='auto', causal=False):
+  """q [B, Lq, H, D], k and v [B, Lk, H, D] -> [B, Lq, H, D], scale 1/sqrt(D); `causal`: query i sees keys <= i
+  (the CLIP text encoder)."""
   if implementation == 'auto':
     implementation = 'pallas_tpu' if _pallas_applies(q, k) else 'xla'
   if implementation == 'xla':
-    return jax.nn.dot_product_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
   if implementation == 'reference':
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    if causal:
+      logits = jnp.where(_causal_mask(jnp.arange(q.shape[1]), jnp.arange(k.shape[1])), logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
   if implementation == 'chunked':
-    return chunked_attention(q, k, v)
+    return chunked_attention(q, k, v, causal=causal)
   if implementation == 'pallas_tpu':
-    return _pallas_tpu(q, k, v)
+    return _pallas_tpu(q, k, v, causal)
   raise ValueError(f"Unknown attention implementation '{implementation}'; choose one of {IMPLEMENTATIONS}.")
 
 
-def chunked_attention(q, k, v, query_chunk=CHUNK, key_chunk=CHUNK):
+def _causal_mask(query_positions, key_positions):
+  return key_positions[None, :] <= query_positions[:, None]
+
+
+def chunked_attention(q, k, v, query_chunk=CHUNK, key_chunk=CHUNK, causal=False):
   """Exact attention with O(query_chunk x key_chunk) memory per head; float32 statistics."""
   b, lq, h, d = q.shape
   lk = k.shape[1]
@@ -52,16 +59,21 @@ def chunked_attention(q, k, v, query_chunk=CHUNK, key_chunk=CHUNK):
   v, _ = pad_to(v, lk, key_chunk)
   keys = k.reshape(b, lk_padded // key_chunk, key_chunk, h, d).swapaxes(0, 1)
   values = v.reshape(b, lk_padded // key_chunk, key_chunk, h, d).swapaxes(0, 1)
-  valid = (jnp.arange(lk_padded) < lk).reshape(lk_padded // key_chunk, key_chunk)
+  key_positions = jnp.arange(lk_padded).reshape(lk_padded // key_chunk, key_chunk)
 
-  def one_query_chunk(q_chunk):
+  def one_query_chunk(inputs):
+    q_chunk, query_positions = inputs
+
     def step(carry, chunk):
       out, row_max, row_sum = carry
-      k_chunk, v_chunk, mask = chunk
+      k_chunk, v_chunk, positions = chunk
+      mask = jnp.broadcast_to(positions < lk, (query_chunk, key_chunk))
+      if causal:
+        mask &= _causal_mask(query_positions, positions)
       logits = jnp.einsum('bqhd,bkhd->bhqk', q_chunk, k_chunk).astype(jnp.float32) * scale
-      logits = jnp.where(mask[None, None, None, :], logits, -jnp.inf)
+      logits = jnp.where(mask[None, None], logits, -jnp.inf)
       new_max = jnp.maximum(row_max, logits.max(axis=-1))
-      correction = jnp.exp(row_max - new_max)
+      correction = jnp.exp(row_max - new_max)  # key 0 is visible to every query, so new_max is finite
       weights = jnp.exp(logits - new_max[..., None])
       out = out * correction[..., None] + jnp.einsum('bhqk,bkhd->bhqd', weights, v_chunk.astype(jnp.float32))
       return (out, new_max, row_sum * correction + weights.sum(axis=-1)), None
@@ -69,11 +81,12 @@ def chunked_attention(q, k, v, query_chunk=CHUNK, key_chunk=CHUNK):
     init = (jnp.zeros((b, h, q_chunk.shape[1], d), jnp.float32),
             jnp.full((b, h, q_chunk.shape[1]), -jnp.inf, jnp.float32),
             jnp.zeros((b, h, q_chunk.shape[1]), jnp.float32))
-    (out, _, row_sum), _ = jax.lax.scan(step, init, (keys, values, valid))
+    (out, _, row_sum), _ = jax.lax.scan(step, init, (keys, values, key_positions))
     return (out / row_sum[..., None]).transpose(0, 2, 1, 3)
 
   q_chunks = q.reshape(b, lq_padded // query_chunk, query_chunk, h, d).swapaxes(0, 1)
-  out = jax.lax.map(one_query_chunk, q_chunks)  # [chunks, B, chunk, H, D]
+  query_positions = jnp.arange(lq_padded).reshape(lq_padded // query_chunk, query_chunk)
+  out = jax.lax.map(one_query_chunk, (q_chunks, query_positions))  # [chunks, B, chunk, H, D]
   return out.swapaxes(0, 1).reshape(b, lq_padded, h, d)[:, :lq].astype(q.dtype)
 
 
@@ -87,8 +100,9 @@ def _pallas_kernel():
   return flash_attention.flash_attention
 
 
-def _pallas_tpu(q, k, v):
+def _pallas_tpu(q, k, v, causal):
   if jax.default_backend() != 'tpu':
     raise ValueError("Attention implementation 'pallas_tpu' runs on TPUs only; use 'auto' or 'xla' here.")
-  out = _pallas_kernel()(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), sm_scale=q.shape[-1] ** -0.5)
+  out = _pallas_kernel()(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), causal=causal,
+                         sm_scale=q.shape[-1] ** -0.5)
   return out.swapaxes(1, 2)

@@ -12,6 +12,8 @@ import numpy as np
 from latent_diffusion.models import attention as attention_lib
 from latent_diffusion.models import layers
 
+TEXT_KINDS = ('text', 'clip')  # ldm.conditioning kinds whose condition is a caption
+
 
 class ByteTokenizer:
   """UTF-8 bytes + 1 (0 pads): works offline for any text; the default for configs that train from scratch."""
@@ -92,14 +94,24 @@ def create_tokenizer(conditioning_config):
   raise ValueError(f"ldm.conditioning.tokenizer='{conditioning_config.tokenizer}' is not 'bytes' or 'wordpiece'.")
 
 
+ACTIVATIONS = {'gelu': lambda x: nn.gelu(x, approximate=False), 'quick_gelu': lambda x: x * nn.sigmoid(1.702 * x)}
+
+
 class TextTransformer(nn.Module):
-  """Token + learned position embeddings -> depth pre-LN transformer layers -> LayerNorm: [B, L] ids -> [B, L, width]."""
+  """Token + learned position embeddings -> depth pre-LN transformer layers -> LayerNorm: [B, L] ids -> [B, L, width].
+
+  Trained with the UNet it is the paper's BERTEmbedder role; with `causal` attention and CLIP's `quick_gelu` (or
+  `gelu`) it is the CLIP text encoder of Stable Diffusion (`weights/clip.py` converts its weights).
+  """
   vocab_size: int
   max_length: int
   width: int
   depth: int
   num_heads: int
   attention: str = 'auto'
+  causal: bool = False
+  activation: str = 'gelu'
+  mlp_dim: int = 0  # 0: 4 x width
 
   @nn.compact
   def __call__(self, ids):
@@ -112,10 +124,11 @@ class TextTransformer(nn.Module):
       h = layers.layer_norm(name=f'layer_{i}_norm1')(x)
       qkv = layers.dense(3 * self.width, ('embed', 'heads'), name=f'layer_{i}_qkv')(h)
       q, k, v = (a.reshape(a.shape[:2] + (self.num_heads, head_dim)) for a in jnp.split(qkv, 3, axis=-1))
-      h = attention_lib.attention(q, k, v, self.attention).reshape(x.shape)
+      h = attention_lib.attention(q, k, v, self.attention, causal=self.causal).reshape(x.shape)
       x = x + layers.dense(self.width, ('heads', 'embed'), name=f'layer_{i}_out')(h)
-      h = layers.dense(4 * self.width, ('embed', 'mlp'), name=f'layer_{i}_ff1')(layers.layer_norm(name=f'layer_{i}_norm2')(x))
-      x = x + layers.dense(self.width, ('mlp', 'embed'), name=f'layer_{i}_ff2')(nn.gelu(h, approximate=False))
+      h = layers.dense(self.mlp_dim or 4 * self.width, ('embed', 'mlp'), name=f'layer_{i}_ff1')(
+          layers.layer_norm(name=f'layer_{i}_norm2')(x))
+      x = x + layers.dense(self.width, ('mlp', 'embed'), name=f'layer_{i}_ff2')(ACTIVATIONS[self.activation](h))
     return layers.layer_norm(name='final_norm')(x)
 
 

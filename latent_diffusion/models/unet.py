@@ -11,7 +11,6 @@ conditioning is extra input channels.
 from typing import Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from latent_diffusion.models import attention as attention_lib
@@ -69,11 +68,13 @@ def _resample(x, direction):
 
 
 class CrossAttention(nn.Module):
-  """Multi-head attention without q/k/v bias; attends to `context` (self-attention when None)."""
+  """Multi-head attention without q/k/v bias; attends to `context` (self-attention when None). `upcast`: the
+  attention itself in float32 under a lower compute dtype (Stable Diffusion 2.1's upcast_attention)."""
   num_heads: int
   head_dim: int
   attention: str = 'auto'
   dtype: jnp.dtype = jnp.float32
+  upcast: bool = False
 
   @nn.compact
   def __call__(self, x, context=None):
@@ -82,8 +83,10 @@ class CrossAttention(nn.Module):
     inner = self.num_heads * self.head_dim
     project = lambda name, y: layers.dense(inner, ('embed', 'heads'), use_bias=False, name=name, dtype=self.dtype)(
         y).reshape(y.shape[0], y.shape[1], self.num_heads, self.head_dim)
-    out = attention_lib.attention(project('to_q', x), project('to_k', context), project('to_v', context),
-                                  self.attention)
+    q, k, v = project('to_q', x), project('to_k', context), project('to_v', context)
+    if self.upcast:
+      q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    out = attention_lib.attention(q, k, v, self.attention).astype(self.dtype)
     return layers.dense(c, ('heads', 'embed'), name='to_out', dtype=self.dtype)(out.reshape(b, n, inner))
 
 
@@ -94,10 +97,12 @@ class BasicTransformerBlock(nn.Module):
   dropout: float = 0.0
   attention: str = 'auto'
   dtype: jnp.dtype = jnp.float32
+  upcast_attention: bool = False
 
   @nn.compact
   def __call__(self, x, context, deterministic=True):
-    attn = lambda name: CrossAttention(self.num_heads, self.head_dim, self.attention, self.dtype, name=name)
+    attn = lambda name: CrossAttention(self.num_heads, self.head_dim, self.attention, self.dtype,
+                                       self.upcast_attention, name=name)
     x = x + attn('attn1')(layers.layer_norm(name='norm1')(x))
     x = x + attn('attn2')(layers.layer_norm(name='norm2')(x), context)
     dim = x.shape[-1]
@@ -115,6 +120,7 @@ class SpatialTransformer(nn.Module):
   dropout: float = 0.0
   attention: str = 'auto'
   dtype: jnp.dtype = jnp.float32
+  upcast_attention: bool = False
 
   @nn.compact
   def __call__(self, x, context, deterministic=True):
@@ -124,7 +130,7 @@ class SpatialTransformer(nn.Module):
     y = y.reshape(b, h * w, inner)
     for i in range(self.depth):
       y = BasicTransformerBlock(self.num_heads, self.head_dim, self.dropout, self.attention, self.dtype,
-                                name=f'block_{i}')(y, context, deterministic)
+                                self.upcast_attention, name=f'block_{i}')(y, context, deterministic)
     y = layers.conv(c, 1, padding=0, kernel_init=zeros, name='proj_out', dtype=self.dtype)(y.reshape(b, h, w, inner))
     return x + y
 
@@ -145,6 +151,7 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   num_classes: int = 0  # > 0: class-label embedding added to the time embedding
   attention: str = 'auto'
+  upcast_attention: bool = False  # attention in float32 under a lower compute dtype (SD 2.1)
   remat: bool = False  # rematerialise each block in the backward pass (saves activation memory)
   dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
 
@@ -170,7 +177,7 @@ class UNet(nn.Module):
       if attend:
         heads, head_dim = self._heads(channels)
         h = transformer(heads, head_dim, self.transformer_depth, self.dropout, self.attention, self.dtype,
-                        name=name + '_transformer')(h, context, deterministic)
+                        self.upcast_attention, name=name + '_transformer')(h, context, deterministic)
       return h
 
     h = layers.conv(self.model_channels, name='conv_in', dtype=self.dtype)(x.astype(self.dtype))
@@ -211,4 +218,5 @@ def create_unet(unet_config, out_channels, num_classes=0):
               num_head_channels=unet_config.num_head_channels, transformer_depth=unet_config.transformer_depth,
               dropout=unet_config.dropout, use_scale_shift_norm=unet_config.use_scale_shift_norm,
               resblock_updown=unet_config.resblock_updown, num_classes=num_classes,
-              attention=unet_config.attention, remat=unet_config.remat, dtype=jnp.dtype(unet_config.dtype))
+              attention=unet_config.attention, upcast_attention=unet_config.upcast_attention, remat=unet_config.remat,
+              dtype=jnp.dtype(unet_config.dtype))

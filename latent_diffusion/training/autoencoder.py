@@ -27,6 +27,7 @@ from latent_diffusion.models import discriminator as discriminator_lib
 from latent_diffusion.training import checkpoint
 from latent_diffusion.training import loop
 from latent_diffusion.training import train_state
+from latent_diffusion.weights import autoencoder as weights_autoencoder
 from latent_diffusion.weights import lpips as lpips_weights
 
 STAGE = 'autoencoder'
@@ -193,8 +194,12 @@ def is_done(config, workdir):
 
 
 def run(config, workdir):
-  """Trains the configured autoencoder under WORKDIR/autoencoder, resuming from its newest checkpoint."""
+  """Trains the configured autoencoder under WORKDIR/autoencoder, resuming from its newest checkpoint; with
+  `autoencoder.pretrained` there is nothing to train (later stages convert the imported weights)."""
   ae = config.autoencoder
+  if ae.pretrained:
+    logging.info('autoencoder.pretrained=%s: using the imported first stage, nothing to train.', ae.pretrained)
+    return None
   lpips_params = load_lpips(ae.loss)  # Fails before any data is read if the weights are missing.
   mesh = parallel.create_mesh(config.mesh)
   parallel.check_batch_size(ae.batch_size, mesh)
@@ -213,8 +218,12 @@ def run(config, workdir):
 
 def load_trained(config, workdir, mesh):
   """The frozen first stage for later stages: (model, params (EMA when kept), checkpoint step), restored
-  straight into their shardings without initialising a model first."""
+  straight into their shardings without initialising a model first; or the weights of `autoencoder.pretrained`
+  (a diffusers folder or a CompVis checkpoint) converted, with step None."""
   model = autoencoder_lib.create_autoencoder(config.autoencoder.model)
+  if config.autoencoder.pretrained:
+    params = weights_autoencoder.load(config.autoencoder.pretrained, config.autoencoder.model)
+    return model, parallel.put(params, parallel.tree_shardings(weights_autoencoder.abstract_params(model), mesh)), None
   discriminator = discriminator_lib.NLayerDiscriminator(ndf=config.autoencoder.loss.disc_ndf,
                                                         n_layers=config.autoencoder.loss.disc_num_layers)
   image_shape = (config.data.resolution, config.data.resolution, 3)

@@ -55,7 +55,7 @@ class Checkpointer:
     return restored['state'], restored['meta']
 
   def restore_latest_readable(self, state, shardings):
-    """(state, step) of the newest checkpoint that reads back, or (state, 0) when there is none. A checkpoint
+    """(state, step) of the newest checkpoint that reads back, or (state, None) when there is none. A checkpoint
     that fails to read (truncated or corrupt files) is reported and moved aside to `<step>.corrupt`, never
     deleted, and the one before it is used."""
     for step in reversed(self.all_steps()):
@@ -71,7 +71,7 @@ class Checkpointer:
           (epath.Path(self.directory) / str(step)).rename(aside)
         parallel.sync(f'checkpoint.aside.{step}')
         self._manager.reload()
-    return state, 0
+    return state, None
 
   def wait(self):
     self._manager.wait_until_finished()
@@ -92,7 +92,7 @@ def restore_newest(directory, init, mesh, stage, step=None):
   target, shardings = nn.meta.unbox(abstract), parallel.tree_shardings(abstract, mesh)
   if step is None:
     state, step = ckpt.restore_latest_readable(target, shardings)
-    if not step:
+    if step is None:
       raise ValueError(f'No readable {stage} checkpoint in {directory}; run the `{stage}` stage again.')
   else:
     state, _ = ckpt.restore(step, target, shardings)

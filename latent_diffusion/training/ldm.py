@@ -27,6 +27,8 @@ from latent_diffusion.training import autoencoder as autoencoder_stage
 from latent_diffusion.training import checkpoint
 from latent_diffusion.training import loop
 from latent_diffusion.training import train_state
+from latent_diffusion.weights import clip
+from latent_diffusion.weights import unet as weights_unet
 
 STAGE = 'ldm'
 
@@ -34,28 +36,37 @@ STAGE = 'ldm'
 class Conditioner:
   """Turns a batch's captions or labels into UNet context: host-side inputs, the null input, the encoder.
 
-  kind 'text': a transformer over tokens; 'class': a one-token class embedding whose last id is the null
-  class; 'none' (unconditional): no context, and the UNet's transformers attend to the image alone.
+  kind 'text': a transformer over tokens, trained with the UNet; 'clip': the frozen CLIP text encoder and
+  tokenizer of `ldm.conditioning.pretrained` (Stable Diffusion's; its params are `frozen`, never trained);
+  'class': a one-token class embedding whose last id is the null class; 'none' (unconditional): no context,
+  and the UNet's transformers attend to the image alone.
   """
 
   def __init__(self, cond_config):
     self.kind = cond_config.kind
-    self.model, self.null = None, {}
-    if self.kind == 'text':
-      self.tokenizer = conditioning.create_tokenizer(cond_config)
-      self.model = conditioning.TextTransformer(self.tokenizer.vocab_size, cond_config.max_length,
-                                                cond_config.width, cond_config.depth, cond_config.num_heads)
+    self.model, self.null, self.frozen = None, {}, self.kind == 'clip'
+    if self.kind in ('text', 'clip'):
+      if self.kind == 'clip':
+        self.tokenizer = clip.CLIPTokenizer(cond_config.pretrained)
+        self.model = clip.text_transformer(clip.text_encoder_config(cond_config.pretrained))
+        if cond_config.max_length > self.model.max_length:
+          raise ValueError(f'ldm.conditioning.max_length={cond_config.max_length} exceeds the CLIP text encoder\'s '
+                           f'{self.model.max_length} positions; set it to {self.model.max_length} or less.')
+      else:
+        self.tokenizer = conditioning.create_tokenizer(cond_config)
+        self.model = conditioning.TextTransformer(self.tokenizer.vocab_size, cond_config.max_length,
+                                                  cond_config.width, cond_config.depth, cond_config.num_heads)
       self.null = {'tokens': self.tokenizer([''], cond_config.max_length)}
       self.length = cond_config.max_length
     elif self.kind == 'class':
       self.model = conditioning.ClassEmbedder(cond_config.num_classes, cond_config.width)
       self.null = {'label': np.full((1,), cond_config.num_classes - 1, np.int32)}
     elif self.kind != 'none':
-      raise ValueError(f"ldm.conditioning.kind='{self.kind}' is not 'text', 'class' or 'none'.")
+      raise ValueError(f"ldm.conditioning.kind='{self.kind}' is not 'text', 'clip', 'class' or 'none'.")
 
   def inputs(self, batch):
     """Host-side conditioning inputs of a batch of stored examples (captions are tokenized here)."""
-    if self.kind == 'text':
+    if 'tokens' in self.null:
       return {'tokens': self.tokenizer(list(batch['caption']), self.length)}
     if self.kind == 'class':
       return {'label': np.asarray(batch['label']).astype(np.int32)}
@@ -102,9 +113,37 @@ def create(config, metadata):
     context = conditioner.encode(cond_params, jax.tree.map(jnp.asarray, conditioner.null))
     x = jnp.zeros((1,) + shape[:-1] + (shape[-1] + concat_channels,))
     unet_params = unet.init(unet_rng, x, jnp.zeros((1,), jnp.int32), context)['params']
+    if conditioner.frozen:
+      return train_state.TrainState.create({'unet': unet_params}, tx, ldm.ema_decay, frozen={'cond': cond_params})
     return train_state.TrainState.create({'unet': unet_params, 'cond': cond_params}, tx, ldm.ema_decay)
 
   return unet, conditioner, init
+
+
+def make_warm_start(config):
+  """Imported weights for a fresh `ldm` state: the UNet of `ldm.init_from` (a diffusers folder or a CompVis
+  checkpoint; fine-tuning) and the frozen CLIP text encoder of `ldm.conditioning.pretrained`; None when
+  neither is configured."""
+  ldm = config.ldm
+  if not ldm.init_from and ldm.conditioning.kind != 'clip':
+    return None
+
+  def warm_start(state, shardings):
+    params, frozen = dict(state.params), dict(state.frozen or {})
+    if ldm.init_from:
+      unet_params = weights_unet.load(ldm.init_from, state.params['unet'], ldm.unet)
+      params['unet'] = parallel.put(unet_params, shardings.params['unet'])
+      logging.info('Initialised the UNet from %s.', ldm.init_from)
+    if ldm.conditioning.kind == 'clip':
+      _, cond_params = clip.load_text_encoder(ldm.conditioning.pretrained)
+      frozen['cond'] = parallel.put(cond_params, shardings.frozen['cond'])
+      logging.info('Loaded the frozen CLIP text encoder of %s.', ldm.conditioning.pretrained)
+    ema = None
+    if state.ema_params is not None:  # the EMA starts at the imported weights too (separate buffers: donation)
+      ema = {**params, 'unet': parallel.put(jax.device_get(params['unet']), shardings.params['unet'])}
+    return state.replace(params=params, ema_params=ema, frozen=frozen or None)
+
+  return warm_start
 
 
 def make_train_step(config, unet, conditioner, schedule, scale_factor, kind):
@@ -118,7 +157,7 @@ def make_train_step(config, unet, conditioner, schedule, scale_factor, kind):
     condition = concat_lib.condition(batch, ldm.conditioning.concat, scale_factor)
 
     def loss_fn(params):
-      context = conditioner.encode(params['cond'], inputs)
+      context = conditioner.encode(state.with_frozen(params)['cond'], inputs)
       unet_fn = lambda x, t, c: unet.apply({'params': params['unet']}, x, t, c, deterministic=False,
                                            rngs={'dropout': dropout_rng})
       model = concat_lib.with_concat(unet_fn, condition)
@@ -189,7 +228,7 @@ def make_evaluate(config, workdir, generator, ae_params, fid_evaluator=None):
 def sample_scalars(config, requests, images):
   """Prompt agreement of text samples of `captioned_shapes` (the fraction of prompted objects drawn with the
   right colour at the right position, read from pixels); nothing for other data."""
-  if config.ldm.conditioning.kind != 'text' or not config.data.name.startswith('captioned_shapes'):
+  if config.ldm.conditioning.kind not in conditioning.TEXT_KINDS or not config.data.name.startswith('captioned_shapes'):
     return {}
   agreement = prompt_agreement.prompt_agreement(images, requests.conditions)
   return {f'prompt_agreement/{k}': v for k, v in agreement.items() if k != 'objects'}
@@ -211,7 +250,8 @@ def load_trained(config, workdir, mesh, metadata, step=None):
 
 
 def is_done(config, workdir):
-  return (checkpoint.latest_saved_step(checkpoint_dir(workdir)) or 0) >= config.ldm.total_steps
+  step = checkpoint.latest_saved_step(checkpoint_dir(workdir))
+  return step is not None and step >= config.ldm.total_steps
 
 
 def run(config, workdir):
@@ -239,6 +279,7 @@ def run(config, workdir):
                    if config.eval.training_num_samples else None)
   task = loop.Task(init=init, batches=batches, train_step=make_train_step(
       config, unet, conditioner, schedule, metadata['scale_factor'], metadata['kind']),
-                   evaluate=make_evaluate(config, workdir, generator, ae_params, fid_evaluator))
+                   evaluate=make_evaluate(config, workdir, generator, ae_params, fid_evaluator),
+                   warm_start=make_warm_start(config))
   return loop.train(task, workdir=os.path.join(workdir, STAGE), mesh=mesh, seed=config.seed,
                     total_steps=ldm.total_steps, **ldm.train_schedule.to_dict())

@@ -5,8 +5,10 @@ evaluation) and calls `train`. The loop owns the rest, so a fix here reaches eve
 """
 
 import dataclasses
+import itertools
 import os
 import signal
+import time
 from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latent_diffusion import flops
 from latent_diffusion import parallel
 from latent_diffusion.data import input_pipeline
 from latent_diffusion.training import checkpoint
@@ -28,11 +31,14 @@ class Task:
   train_step: (state, batch, rng) -> (state, {name: scalar}); pure, jitted and sharded by the loop.
   batches: start_step -> iterator of host-local numeric numpy batches, giving batch k first.
   evaluate: optional (state, step) -> ({name: scalar}, {name: [N, H, W, C] images in [-1, 1]}).
+  warm_start: optional (state, shardings) -> state, applied to a fresh state (no checkpoint yet): imported
+    weights replace the random init.
   """
   init: Callable[[jax.Array], Any]
   train_step: Callable[[Any, Any, jax.Array], Any]
   batches: Callable[[int], Iterator[dict]]
   evaluate: Optional[Callable[[Any, int], tuple]] = None
+  warm_start: Optional[Callable[[Any, Any], Any]] = None
 
 
 class Preempted(Exception):
@@ -87,6 +93,12 @@ def train(task, *, workdir, mesh, seed, total_steps, log_every=50, checkpoint_ev
   state, shardings = parallel.create_sharded(task.init, mesh, init_rng)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=keep_checkpoints)
   state, start_step = ckpt.restore_latest_readable(state, shardings)
+  if start_step is None:  # a fresh run
+    start_step = 0
+    if task.warm_start:
+      state = task.warm_start(state, shardings)
+    if total_steps == 0:  # nothing to train: keep the (imported) initial state for the later stages
+      ckpt.save(0, state, {'step': 0, 'seed': seed})
   logging.info('Training %s from step %d to %d.', workdir, start_step, total_steps)
 
   replicated = parallel.replicated(mesh)
@@ -94,19 +106,25 @@ def train(task, *, workdir, mesh, seed, total_steps, log_every=50, checkpoint_ev
   step_fn = jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
                     out_shardings=(shardings, replicated), donate_argnums=0)
   progress = summaries.create_progress(total_steps, writer)
-  batches = task.batches(start_step)
+  batches = (input_pipeline.to_global(b, mesh) for b in task.batches(start_step))
+  if start_step < total_steps:  # compiled ahead of time, once, on the first batch's shapes
+    first = next(batches)
+    batches = itertools.chain([first], batches)
+    step_fn, throughput = _compile(step_fn, train_step, state, first, train_rng)
+    throughput.restart(start_step)
   preempted = _PreemptionWatch(ckpt)
   history = []
   try:
     for step in range(start_step, total_steps):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = input_pipeline.to_global(next(batches), mesh)
-        state, metrics = step_fn(state, batch, jax.random.fold_in(train_rng, step))
+        state, metrics = step_fn(state, next(batches), jax.random.fold_in(train_rng, step))
       history.append(metrics)
       done = step + 1
       progress(done)
-      if done % log_every == 0 or done == total_steps:
+      logged = done % log_every == 0 or done == total_steps
+      if logged:
         _write_train_metrics(writer, done, history, ckpt.latest_step())
+        writer.write_scalars(done, {f'perf/{k}': v for k, v in throughput.scalars(done).items()})
         history = []
       if preempted(done):
         ckpt.save(done, state, {'step': done, 'seed': seed})
@@ -119,12 +137,27 @@ def train(task, *, workdir, mesh, seed, total_steps, log_every=50, checkpoint_ev
         summaries.write_grids(writer, done, images)
       if done % checkpoint_every == 0 or done == total_steps:
         ckpt.save(done, state, {'step': done, 'seed': seed})
+      if logged:
+        throughput.restart(done)
   finally:
     preempted.close()
     ckpt.wait()
     ckpt.close()
     writer.flush()
   return state
+
+
+def _compile(step_fn, train_step, state, batch, rng):
+  """The jitted step lowered and compiled once (compile time logged), and its throughput meter (analytic FLOPs
+  of one step over the global batch)."""
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch, rng).compile()
+  seconds = time.perf_counter() - start
+  step_flops = flops.count(train_step, state, batch, rng)
+  batch_size = jax.tree.leaves(batch)[0].shape[0]
+  logging.info('Compiled the train step in %.1f s: %.3g FLOPs per step of %d examples (%.3g per example).',
+               seconds, step_flops, batch_size, step_flops / batch_size)
+  return compiled, flops.Throughput(step_flops, batch_size)
 
 
 def _write_train_metrics(writer, step, history, last_checkpoint):

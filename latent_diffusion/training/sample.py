@@ -33,7 +33,7 @@ def _saved_request(config, workdir):
   requests = generate.requests_from_config(config.sampling, cond.kind, cond.concat)
   step = checkpoint.latest_saved_step(ldm.checkpoint_dir(workdir))
   saved = {'seeds': requests.seeds, 'guidance_scales': requests.guidance_scales, 'ldm_step': np.array(step)}
-  key = 'condition_indices' if cond.concat else {'text': 'prompts', 'class': 'labels'}.get(cond.kind)
+  key = 'condition_indices' if cond.concat else {'text': 'prompts', 'clip': 'prompts', 'class': 'labels'}.get(cond.kind)
   return {key: np.array(requests.conditions), **saved} if key else saved
 
 

@@ -13,19 +13,22 @@ def ema_decay(num_updates, max_decay):
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """Pure train state; `ema_params` is None when EMA is off. Sampling and evaluation read EMA params."""
+  """Pure train state; `ema_params` is None when EMA is off. Sampling and evaluation read EMA params.
+  `frozen`: params used but never trained (e.g. an imported CLIP text encoder), {name: tree} beside `params`."""
   step: jax.Array
   params: Any
   opt_state: Any
   ema_params: Any
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   ema_max_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+  frozen: Any = None
 
   @classmethod
-  def create(cls, params, tx, ema_max_decay=0.0):
+  def create(cls, params, tx, ema_max_decay=0.0, frozen=None):
     """`ema_max_decay` > 0 keeps an EMA of the params with the reference warm-up."""
     return cls(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params),
-               ema_params=params if ema_max_decay > 0 else None, tx=tx, ema_max_decay=ema_max_decay)
+               ema_params=params if ema_max_decay > 0 else None, tx=tx, ema_max_decay=ema_max_decay,
+               frozen=frozen or None)
 
   def apply_gradients(self, grads):
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
@@ -36,6 +39,10 @@ class TrainState(flax.struct.PyTreeNode):
       ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
     return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
 
+  def with_frozen(self, params):
+    """`params` (a dict of trees) together with the frozen ones, as the model reads them."""
+    return {**params, **self.frozen} if self.frozen else params
+
   @property
   def eval_params(self):
-    return self.params if self.ema_params is None else self.ema_params
+    return self.with_frozen(self.params if self.ema_params is None else self.ema_params)
