@@ -106,9 +106,10 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
       num_heads=8, num_head_channels=-1, transformer_depth=1, dropout=0.0, use_scale_shift_norm=False,
       resblock_updown=False,
       # How it runs, not what it is (may change between restarts): models/attention.py's implementations,
-      # attention in float32 under a lower compute dtype (SD 2.1), rematerialisation of every block in the
-      # backward pass, and the compute dtype (parameters stay float32; norms, softmax and the loss are float32).
-      attention='auto', upcast_attention=False, remat=False, dtype='float32'))
+      # attention in float32 under a lower compute dtype (SD 2.1), the blocks recomputed in the backward pass
+      # ('', 'all', or a comma list of 'resblock', 'transformer') and what they keep (a jax.checkpoint_policies
+      # name), and the compute dtype (parameters stay float32; norms, softmax and the loss are float32).
+      attention='auto', upcast_attention=False, remat='', remat_policy='nothing_saveable', dtype='float32'))
   c.unet.update(unet)
   # kind: 'text' (trained with the UNet), 'clip' (frozen, from the Stable Diffusion or CLIPTextModel folder
   # `pretrained`), 'class' or 'none'; concat: '', 'low_res' (super-resolution) or 'inpainting'.

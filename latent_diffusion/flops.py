@@ -1,9 +1,9 @@
 """Analytic FLOPs of a JAX function, counted from its jaxpr (2 x multiply-adds of every matmul and convolution),
 and the peak FLOP/s of known accelerators, for throughput and MFU (model FLOPs utilisation) reports.
 
-Counting the program's own matmuls keeps the number exact for any config and independent of rematerialisation
-(which recomputes, but does not add model FLOPs): a train step is counted as the forward and backward pass that
-`jax.value_and_grad` traces, before XLA's optimisations.
+Counting the program's own matmuls keeps the number exact for any config: a train step is counted as the
+forward and backward pass that `jax.value_and_grad` traces, before XLA's optimisations. Rematerialised blocks
+count their recomputed forward pass too (what the hardware executes), so MFU with remat reads a little high.
 """
 
 import math

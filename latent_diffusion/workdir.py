@@ -20,7 +20,7 @@ IDENTITY_FIELDS = ('seed', 'data', 'autoencoder.name', 'autoencoder.model', 'aut
 # Fields under IDENTITY_FIELDS that may change between restarts (where to find files, how fast to read data).
 MUTABLE_FIELDS = ('data.data_dir', 'data.prefetch', 'ldm.conditioning.vocab_file', 'ldm.conditioning.pretrained',
                   'ldm.unet.attention',
-                  'ldm.unet.upcast_attention', 'ldm.unet.remat', 'ldm.unet.dtype')
+                  'ldm.unet.upcast_attention', 'ldm.unet.remat', 'ldm.unet.remat_policy', 'ldm.unet.dtype')
 
 
 def flatten(tree, prefix=''):

@@ -36,8 +36,8 @@ def test_unet_train_step_is_about_three_forward_passes_and_near_xla_s_count():
   cost = jax.jit(lambda p: model.apply(p, x, t, context)).lower(params).compile().cost_analysis()
   xla = (cost[0] if isinstance(cost, list) else cost)['flops']
   assert forward == pytest.approx(xla, rel=0.15)
-  remat = model.clone(remat=True)
-  assert flops.count(jax.grad(lambda p: jnp.sum(remat.apply(p, x, t, context) ** 2)), params) >= train
+  remat = model.clone(remat='all')  # recomputes every block's forward pass: counted, as executed
+  assert 1.2 < flops.count(jax.grad(lambda p: jnp.sum(remat.apply(p, x, t, context) ** 2)), params) / train < 1.4
 
 
 @pytest.mark.parametrize('kind,peak', [('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5p', 459e12),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import txt2img
+from latent_diffusion import flops
 from latent_diffusion import parallel
 from latent_diffusion.data import captioned_shapes as cs
 from latent_diffusion.diffusion import generate
@@ -56,7 +57,8 @@ def test_prompt_file_replaces_prompts_and_a_missing_one_is_named(tmp_path):
   path = tmp_path / 'prompts.txt'
   path.write_text('a small red circle in the center\n\n a large blue square in the top left \n')
   requests = generate.requests_from_config(tiny_config(prompt_file=str(path)).sampling, 'text')
-  assert requests.conditions[:4] == ['a small red circle in the center'] * 2 + ['a large blue square in the top left'] * 2
+  assert requests.conditions[:4] == (['a small red circle in the center'] * 2 +
+                                     ['a large blue square in the top left'] * 2)
   with pytest.raises(FileNotFoundError, match='sampling.prompt_file=.*missing.txt does not exist'):
     generate.requests_from_config(tiny_config(prompt_file=str(tmp_path / 'missing.txt')).sampling, 'text')
 
@@ -77,6 +79,21 @@ def test_each_image_depends_on_its_own_seed_and_prompt_only_and_scales_share_one
   assert np.abs(images[2].astype(int) - images[3]).mean() > 5  # seed 5 vs 6
   assert np.abs(images[6].astype(int) - images[8]).mean() > 0.5  # prompt 0 vs 1, scale 4
   assert np.abs(images[0].astype(int) - images[6]).mean() > 0.5  # scale 1 vs 4
+
+
+def test_sampling_flops_grow_by_one_guided_unet_pass_per_step():
+  mesh = parallel.create_mesh(txt2img.get_config('smoke').mesh)
+  counts = {}
+  for steps in (2, 4):
+    config = tiny_config(num_steps=steps)
+    generator, params = make_generator(config, mesh)
+    generator(params, 0.3, generate.Requests([PROMPTS[0]], np.array([0], np.int32), np.array([2.0], np.float32)))
+    counts[steps] = generator.flops_per_image
+  config = tiny_config()
+  unet, _, _ = ldm.create(config, {'shape': [4, 4, 6], 'kind': 'kl', 'scale_factor': 0.5})
+  x, t, context = jnp.zeros((2, 4, 4, 3)), jnp.zeros((2,), jnp.int32), jnp.zeros((2, 24, 32))  # cond + uncond
+  unet_pass = flops.count(lambda p: unet.apply({'params': p}, x, t, context), params['unet'])
+  assert counts[4] - counts[2] == 2 * unet_pass  # 2 more DDIM steps, each one UNet pass on the doubled batch
 
 
 def test_a_larger_latent_size_draws_larger_images():

@@ -3,6 +3,7 @@ and the same output and training step on 1 device and sharded on 8."""
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -54,7 +55,7 @@ def test_output_is_zero_at_init_and_depends_on_every_input():
 
 
 @pytest.mark.parametrize('variant', [
-    dict(use_scale_shift_norm=True, resblock_updown=True), dict(num_head_channels=8), dict(remat=True)])
+    dict(use_scale_shift_norm=True, resblock_updown=True), dict(num_head_channels=8), dict(remat='all')])
 def test_variants_build_and_keep_the_shape(variant):
   model = unet_lib.UNet(**{**SMALL, **variant})
   x, t, context = inputs(batch=2)
@@ -62,6 +63,30 @@ def test_variants_build_and_keep_the_shape(variant):
   assert model.apply(variables, x, t, context).shape == x.shape
   larger = jnp.zeros((2, 16, 24, 4))  # sampling at a larger latent size than training
   assert model.apply(variables, larger, t, context).shape == larger.shape
+
+
+def _count_checkpoints(jaxpr):
+  return sum((e.primitive.name in ('checkpoint', 'remat2')) + sum(
+      _count_checkpoints(sub) for sub in jax.extend.core.jaxprs_in_params(e.params)) for e in jaxpr.eqns)
+
+
+def test_remat_per_block_keeps_the_gradients_and_checkpoints_only_those_blocks():
+  x, t, context = inputs(batch=2)
+  model = unet_lib.UNet(**SMALL)
+  params = model.init(jax.random.PRNGKey(0), x, t, context)
+  loss = lambda m: lambda p: jnp.sum(m.apply(p, x + 0.3, t, context) ** 2)
+  expected = jax.grad(loss(model))(params)
+  counts = {}
+  for remat, policy in (('resblock', 'nothing_saveable'), ('transformer', 'dots_saveable'),
+                        ('all', 'nothing_saveable')):
+    rematerialised = model.clone(remat=remat, remat_policy=policy)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 jax.grad(loss(rematerialised))(params), expected)
+    counts[remat] = _count_checkpoints(jax.make_jaxpr(loss(rematerialised))(params).jaxpr)
+  # SMALL has 2 levels x 1 block + 2 middle + 2 x 2 up blocks = 8 ResBlocks, attention in 7 of them.
+  assert counts == {'resblock': 8, 'transformer': 7, 'all': 15}
+  with pytest.raises(ValueError, match="remat='mlp'"):
+    model.clone(remat='mlp').init(jax.random.PRNGKey(0), x, t, context)
 
 
 def test_class_labels_change_the_output():

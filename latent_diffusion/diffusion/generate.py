@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
+from latent_diffusion import flops
 from latent_diffusion import parallel
 from latent_diffusion.data import input_pipeline
 from latent_diffusion.diffusion import concat as concat_lib
@@ -71,6 +72,7 @@ class Generator:
       raise ValueError(f"Unknown sampling.sampler '{s.sampler}'; choose one of {sorted(SAMPLERS)}.")
     parallel.check_batch_size(s.batch_size, mesh, 'sampling.batch_size')
     self.conditioner, self.mesh, self.batch_size = conditioner, mesh, s.batch_size
+    self.flops_per_image = None  # analytic FLOPs of one image's sampling and decoding, known after a batch
     self.concat, self.concat_source, self.scale_factor = concat, concat_source, scale_factor
     sampler = SAMPLERS[s.sampler]
     options = dict(eta=s.eta) if s.sampler == 'ddim' else {}
@@ -123,6 +125,9 @@ class Generator:
       local.update(self.conditioner.inputs({key: np.array(conditions[rows])}))
     batch = input_pipeline.to_global(local, self.mesh)
     seeds = batch.pop('seeds')
+    if self.flops_per_image is None:
+      self.flops_per_image = flops.count(self._generate, params, decoder_params, batch, seeds,
+                                         jnp.float32(scale)) / self.batch_size
     out = self._generate(params, decoder_params, batch, seeds, jnp.float32(scale))
     pixels = parallel.to_host(out)[:n]
     return np.round((pixels + 1) * 127.5).astype(np.uint8)

@@ -11,12 +11,14 @@ conditioning is extra input channels.
 from typing import Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from latent_diffusion.models import attention as attention_lib
 from latent_diffusion.models import layers
 
 zeros = nn.initializers.zeros
+REMAT_KINDS = {'resblock', 'transformer'}
 
 
 def timestep_embedding(t, dim, max_period=10_000):
@@ -152,7 +154,10 @@ class UNet(nn.Module):
   num_classes: int = 0  # > 0: class-label embedding added to the time embedding
   attention: str = 'auto'
   upcast_attention: bool = False  # attention in float32 under a lower compute dtype (SD 2.1)
-  remat: bool = False  # rematerialise each block in the backward pass (saves activation memory)
+  # Blocks recomputed in the backward pass instead of keeping their activations: '', 'all', or a comma list of
+  # 'resblock', 'transformer'; `remat_policy` (a jax.checkpoint_policies name) is what such a block still keeps.
+  remat: str = ''
+  remat_policy: str = 'nothing_saveable'
   dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
 
   def _heads(self, channels):
@@ -160,10 +165,19 @@ class UNet(nn.Module):
       return channels // self.num_head_channels, self.num_head_channels
     return self.num_heads, channels // self.num_heads
 
+  def _rematerialised(self, block, kind):
+    kinds = REMAT_KINDS if self.remat == 'all' else set(filter(None, self.remat.split(',')))
+    if kinds - REMAT_KINDS or not hasattr(jax.checkpoint_policies, self.remat_policy):
+      raise ValueError(f"ldm.unet.remat='{self.remat}' / remat_policy='{self.remat_policy}': choose '', 'all' or "
+                       f"a comma list of {sorted(REMAT_KINDS)}, and a jax.checkpoint_policies name.")
+    if kind not in kinds:
+      return block
+    return nn.remat(block, static_argnums=(3,), policy=getattr(jax.checkpoint_policies, self.remat_policy))
+
   @nn.compact
   def __call__(self, x, t, context=None, y=None, deterministic=True):
-    res_block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-    transformer = nn.remat(SpatialTransformer, static_argnums=(3,)) if self.remat else SpatialTransformer
+    res_block = self._rematerialised(ResBlock, 'resblock')
+    transformer = self._rematerialised(SpatialTransformer, 'transformer')
     emb_dim = 4 * self.model_channels
     emb = layers.dense(emb_dim, ('embed', 'mlp'), name='time_embed_0')(timestep_embedding(t, self.model_channels))
     emb = layers.dense(emb_dim, ('mlp', 'embed'), name='time_embed_1')(nn.silu(emb))
@@ -219,4 +233,4 @@ def create_unet(unet_config, out_channels, num_classes=0):
               dropout=unet_config.dropout, use_scale_shift_norm=unet_config.use_scale_shift_norm,
               resblock_updown=unet_config.resblock_updown, num_classes=num_classes,
               attention=unet_config.attention, upcast_attention=unet_config.upcast_attention, remat=unet_config.remat,
-              dtype=jnp.dtype(unet_config.dtype))
+              remat_policy=unet_config.remat_policy, dtype=jnp.dtype(unet_config.dtype))

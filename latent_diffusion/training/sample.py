@@ -58,8 +58,10 @@ def run(config, workdir):
   requests = generate.requests_from_config(config.sampling, conditioner.kind, config.ldm.conditioning.concat)
   start = time.time()
   images = generator(params, ae_params, requests)
-  logging.info('Sampled %d images (%s, %d steps) from the ldm checkpoint at step %d in %.1f s.', len(images),
-               config.sampling.sampler, config.sampling.num_steps, step, time.time() - start)
+  seconds = time.time() - start
+  logging.info('Sampled %d images (%s, %d steps) from the ldm checkpoint at step %d in %.1f s: %.3g FLOPs per '
+               'image, %.3g TFLOP/s.', len(images), config.sampling.sampler, config.sampling.num_steps, step, seconds,
+               generator.flops_per_image, generator.flops_per_image * len(images) / seconds / 1e12)
   scalars = ldm.sample_scalars(config, requests, images)
   if scalars:
     logging.info('Prompt agreement of the samples: %s', scalars)
