@@ -132,5 +132,7 @@ def to_host(tree):
 
 
 def put(tree, shardings):
-  """Host arrays that every process holds whole (e.g. converted weights) -> global jax.Arrays in `shardings`."""
-  return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), tree, shardings)
+  """Host arrays that every process holds whole (e.g. converted weights) -> global jax.Arrays in `shardings`. Each
+  device gets its own copy: the CPU client may alias host memory, and aliased buffers cannot be donated."""
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(
+      x.shape, s, lambda index: np.array(x[index], copy=True)), tree, shardings)

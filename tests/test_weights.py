@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 from safetensors.numpy import save_file
 
 from configs import sd_finetune
+from configs import txt2img
 from latent_diffusion import config_lib
 from latent_diffusion import parallel
 from latent_diffusion.data import latent_store
@@ -142,8 +143,8 @@ def save_tiny_unet(directory, variant, seed=0, **overrides):
   torch = torch_reference.import_torch()
   diffusers = torch_reference.import_diffusers()
   torch.manual_seed(seed)
-  model = diffusers.UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, norm_num_groups=32,
-                                         **{**UNET_VARIANTS[variant], **overrides}).eval()
+  arch = {'in_channels': 4, 'out_channels': 4, **UNET_VARIANTS[variant], **overrides}
+  model = diffusers.UNet2DConditionModel(sample_size=16, norm_num_groups=32, **arch).eval()
   model.save_pretrained(str(directory / 'unet'))
   return model
 
@@ -340,6 +341,32 @@ def test_sd_finetune_config_reads_the_folder(tmp_path):
     sd_finetune.get_config(f'folder={tmp_path / "unet"}')
   with pytest.raises(ValueError, match='needs the Stable Diffusion folder'):
     sd_finetune.get_config('smoke')
+
+
+def test_warm_start_imports_the_unet_into_its_own_buffers(tmp_path):
+  """`ldm.init_from` with a text encoder trained from scratch: the UNet and its EMA start at the imported weights,
+  the rest stays as initialised, and no two leaves share a buffer (the train step donates the whole state)."""
+  save_tiny_unet(tmp_path, 'sd1', block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=4,
+                 cross_attention_dim=128, in_channels=3, out_channels=3,
+                 down_block_types=('CrossAttnDownBlock2D',) * 2, up_block_types=('CrossAttnUpBlock2D',) * 2)
+  config = txt2img.get_config('smoke')
+  config.ldm.init_from = str(tmp_path)
+  mesh = parallel.create_mesh(config.mesh)
+  _, _, init = ldm.create(config, {'shape': [8, 8, 6], 'kind': 'kl', 'scale_factor': 1.0})
+  state, shardings = parallel.create_sharded(init, mesh, jax.random.PRNGKey(0))
+  cond_before = jax.device_get(state.params['cond'])
+  state = ldm.make_warm_start(config)(state, shardings)
+  _, imported, _ = weights_unet.load_diffusers(tmp_path)
+  for tree in (state.params['unet'], state.ema_params['unet']):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(tree), imported)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params['cond']), cond_before)
+  pointers = [(shard.device.id, shard.data.unsafe_buffer_pointer())
+              for leaf in jax.tree.leaves((state.params, state.ema_params)) for shard in leaf.addressable_shards]
+  assert len(pointers) == len(set(pointers))
+  save_tiny_unet(tmp_path / 'other', 'sd1')  # another architecture than the config's
+  config.ldm.init_from = str(tmp_path / 'other')
+  with pytest.raises(ValueError, match='ldm.unet.model_channels=64 should be 32'):
+    ldm.make_warm_start(config)(state, shardings)
 
 
 @pytest.mark.slow

@@ -138,9 +138,9 @@ def make_warm_start(config):
       _, cond_params = clip.load_text_encoder(ldm.conditioning.pretrained)
       frozen['cond'] = parallel.put(cond_params, shardings.frozen['cond'])
       logging.info('Loaded the frozen CLIP text encoder of %s.', ldm.conditioning.pretrained)
-    ema = None
-    if state.ema_params is not None:  # the EMA starts at the imported weights too (separate buffers: donation)
-      ema = {**params, 'unet': parallel.put(jax.device_get(params['unet']), shardings.params['unet'])}
+    ema = state.ema_params
+    if ema is not None and ldm.init_from:  # the EMA starts at the imported UNet too, in its own buffers (donation)
+      ema = {**ema, 'unet': parallel.put(unet_params, shardings.ema_params['unet'])}
     return state.replace(params=params, ema_params=ema, frozen=frozen or None)
 
   return warm_start
