@@ -45,7 +45,7 @@ class Conditioner:
   def __init__(self, cond_config):
     self.kind = cond_config.kind
     self.model, self.null, self.frozen = None, {}, self.kind == 'clip'
-    if self.kind in ('text', 'clip'):
+    if self.kind in conditioning.TEXT_KINDS:
       if self.kind == 'clip':
         self.tokenizer = clip.CLIPTokenizer(cond_config.pretrained)
         self.model = clip.text_transformer(clip.text_encoder_config(cond_config.pretrained))
@@ -228,7 +228,8 @@ def make_evaluate(config, workdir, generator, ae_params, fid_evaluator=None):
 def sample_scalars(config, requests, images):
   """Prompt agreement of text samples of `captioned_shapes` (the fraction of prompted objects drawn with the
   right colour at the right position, read from pixels); nothing for other data."""
-  if config.ldm.conditioning.kind not in conditioning.TEXT_KINDS or not config.data.name.startswith('captioned_shapes'):
+  text = config.ldm.conditioning.kind in conditioning.TEXT_KINDS
+  if not text or not config.data.name.startswith('captioned_shapes'):
     return {}
   agreement = prompt_agreement.prompt_agreement(images, requests.conditions)
   return {f'prompt_agreement/{k}': v for k, v in agreement.items() if k != 'objects'}

@@ -18,6 +18,7 @@ from latent_diffusion import files
 from latent_diffusion import parallel
 from latent_diffusion.data import latent_store
 from latent_diffusion.diffusion import generate
+from latent_diffusion.models import conditioning
 from latent_diffusion.training import checkpoint
 from latent_diffusion.training import ldm
 from latent_diffusion.training import summaries
@@ -33,7 +34,10 @@ def _saved_request(config, workdir):
   requests = generate.requests_from_config(config.sampling, cond.kind, cond.concat)
   step = checkpoint.latest_saved_step(ldm.checkpoint_dir(workdir))
   saved = {'seeds': requests.seeds, 'guidance_scales': requests.guidance_scales, 'ldm_step': np.array(step)}
-  key = 'condition_indices' if cond.concat else {'text': 'prompts', 'clip': 'prompts', 'class': 'labels'}.get(cond.kind)
+  if cond.concat:
+    key = 'condition_indices'
+  else:
+    key = 'prompts' if cond.kind in conditioning.TEXT_KINDS else {'class': 'labels'}.get(cond.kind)
   return {key: np.array(requests.conditions), **saved} if key else saved
 
 
