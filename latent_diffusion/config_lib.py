@@ -112,10 +112,12 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
       attention='auto', upcast_attention=False, remat='', remat_policy='nothing_saveable', dtype='float32'))
   c.unet.update(unet)
   # kind: 'text' (trained with the UNet), 'clip' (frozen, from the Stable Diffusion or CLIPTextModel folder
-  # `pretrained`), 'class' or 'none'; concat: '', 'low_res' (super-resolution) or 'inpainting'.
+  # `pretrained`), 'class', 'layout' (object boxes and classes as tokens on a `layout_grid` of corner positions,
+  # read by a transformer like text) or 'none'; concat: '', 'low_res' (super-resolution), 'inpainting' or
+  # 'segmentation' (a map of `segmentation_classes` classes, as class fractions at the latent size).
   c.conditioning = ml_collections.ConfigDict(dict(
       kind='none', tokenizer='bytes', vocab_file='', pretrained='', max_length=77, width=512, depth=0,
-      num_heads=8, num_classes=0, concat=''))
+      num_heads=8, num_classes=0, layout_grid=0, concat='', segmentation_classes=0))
   c.conditioning.update(conditioning)
   c.init_from = ''  # UNet weights to start from (fine-tuning): a diffusers folder or a CompVis LDM checkpoint
   beta_start, beta_end = SCHEDULE_ENDS[schedule]
@@ -128,6 +130,9 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=learning_rate, warmup_steps=warmup_steps, weight_decay=0.0, grad_clip=1.0))
   c.batch_size = batch_size
+  # 0: the whole latent store in host memory, shuffled as one; N: stream it N shards at a time (stores larger
+  # than memory), shuffling the shard order and the examples within each window.
+  c.shuffle_window_shards = 0
   c.total_steps = total_steps
   c.ema_decay = 0.9999
   c.train_schedule = train_schedule(log_every=100, checkpoint_every=5000, eval_every=20_000)
@@ -181,11 +186,13 @@ def train_schedule(*, log_every, checkpoint_every, eval_every, keep_checkpoints=
 
 
 def data(name, resolution, **overrides):
-  """The `data` section: a TFDS name (or `folder`, a local image folder that takes precedence)."""
+  """The `data` section: a TFDS name (or `folder`, a local image folder that takes precedence). `objects_key` and
+  `segmentation_key` name the features that layout and semantic models store with their latents (boxes and
+  labels of at most `max_objects` objects; a class-id map)."""
   c = ml_collections.ConfigDict(dict(
       name=name, folder='', data_dir='', resolution=resolution, train_split='train',
-      eval_split='validation', image_key='image', caption_key='caption', label_key='label',
-      random_flip=False, shuffle_block=10_000, prefetch=2))
+      eval_split='validation', image_key='image', caption_key='caption', label_key='label', objects_key='',
+      max_objects=0, segmentation_key='', random_flip=False, shuffle_block=10_000, prefetch=2))
   c.update(overrides)
   return c
 

@@ -16,7 +16,8 @@ from latent_diffusion import parallel
 # Fields that fix what a workdir's checkpoints, latents and data order mean; changing any corrupts the run.
 IDENTITY_FIELDS = ('seed', 'data', 'autoencoder.name', 'autoencoder.model', 'autoencoder.pretrained',
                    'autoencoder.batch_size', 'latents.dtype', 'latents.scale_factor', 'ldm.unet',
-                   'ldm.conditioning', 'ldm.schedule', 'ldm.parameterization', 'ldm.batch_size')
+                   'ldm.conditioning', 'ldm.schedule', 'ldm.parameterization', 'ldm.batch_size',
+                   'ldm.shuffle_window_shards')
 # Fields under IDENTITY_FIELDS that may change between restarts (where to find files, how fast to read data).
 MUTABLE_FIELDS = ('data.data_dir', 'data.prefetch', 'ldm.conditioning.vocab_file', 'ldm.conditioning.pretrained',
                   'ldm.unet.attention',
@@ -55,10 +56,12 @@ def _is_identity(path):
 
 
 def incompatible_fields(old, new):
-  """The identity fields whose values differ between two config dicts: [(path, old value, new value)]."""
+  """The identity fields whose values differ between two config dicts: [(path, old value, new value)]. A field
+  added since the old config was saved matches it when the new value is off ('', 0, False or ())."""
   old, new = flatten(old), flatten(new)
+  added_off = lambda p: p not in old and new[p] in ('', 0, ())
   return [(p, old.get(p, '<absent>'), new.get(p, '<absent>')) for p in sorted(set(old) | set(new))
-          if _is_identity(p) and old.get(p, '<absent>') != new.get(p, '<absent>')]
+          if _is_identity(p) and old.get(p, '<absent>') != new.get(p, '<absent>') and not added_off(p)]
 
 
 # Less free space than this on a local workdir's disk stops the run before any compute (checkpoints, latents).

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import inpainting
+from configs import semantic
 from configs import super_res
 from latent_diffusion.diffusion import concat
 from latent_diffusion.training import ldm
@@ -41,7 +42,8 @@ def test_condition_scales_the_masked_latent_and_guidance_tiles_it():
     concat.num_channels('upscale', 3)
 
 
-@pytest.mark.parametrize('config_module, in_channels', [(super_res, 3 + 3), (inpainting, 3 + 3 + 1)])
+@pytest.mark.parametrize('config_module, in_channels', [(super_res, 3 + 3), (inpainting, 3 + 3 + 1),
+                                                        (semantic, 3 + 4)])
 def test_concat_models_take_the_paper_s_input_channels(config_module, in_channels):
   config = config_module.get_config('smoke')
   metadata = {'shape': [8, 8, 3], 'kind': 'vq', 'scale_factor': 1.0}
@@ -49,3 +51,19 @@ def test_concat_models_take_the_paper_s_input_channels(config_module, in_channel
   state = jax.eval_shape(init, jax.random.PRNGKey(0))
   kernel = state.params['unet']['conv_in']['kernel']
   assert getattr(kernel, 'value', kernel).shape[2] == in_channels
+
+
+def test_segmentation_condition_is_the_class_fractions_of_each_latent_block():
+  ids = np.zeros((1, 8, 8), np.uint8)
+  ids[0, :4, :2] = 2  # half of the top-left 4x4 block
+  ids[0, 4:, 4:] = 1  # all of the bottom-right block
+  fractions = np.asarray(concat.condition({'segmentation': ids}, 'segmentation', 0.5, size=2,
+                                          segmentation_classes=3))
+  np.testing.assert_allclose(fractions[0, 0, 0], [0.5, 0.0, 0.5])
+  np.testing.assert_allclose(fractions[0, 1, 1], [0.0, 1.0, 0.0])
+  np.testing.assert_allclose(fractions[0, 0, 1], [1.0, 0.0, 0.0])
+  np.testing.assert_allclose(fractions.sum(-1), 1.0)
+  with pytest.raises(ValueError, match='class id 2, but ldm.conditioning.segmentation_classes=2; set it to at least 3'):
+    concat.check_segmentation(ids, 2)
+  with pytest.raises(ValueError, match='needs ldm.conditioning.segmentation_classes'):
+    concat.num_channels('segmentation', 3)

@@ -84,3 +84,19 @@ def test_a_perfect_denoiser_has_zero_loss_and_weights_follow_min_snr(parameteriz
   weight = np.asarray(objective.snr_weight(schedule.alphas_cumprod[t], parameterization, 5.0))
   x0_weight = {'eps': weight * snr, 'v': weight * (snr + 1), 'x0': weight}[parameterization]
   np.testing.assert_allclose(x0_weight, np.minimum(snr, 5.0), rtol=1e-4)
+
+
+def test_layout_tokens_are_class_then_corners_on_the_grid_padded():
+  tokenizer = conditioning.LayoutTokenizer(16, 18)
+  assert (tokenizer.pad, tokenizer.vocab_size) == (16 * 16 + 18, 16 * 16 + 19)
+  boxes = np.array([[[0.0, 0.0, 0.5, 1.0], [0.2, 0.34, 0.9, 0.6]], [[0.1, 0.1, 0.3, 0.3], [0, 0, 0, 0]]])
+  ids = tokenizer(boxes, np.array([[5, 17], [0, -1]]), 8)
+  # round(0.5 * 15) = 8 (row), round(1.0 * 15) = 15 (column): 8 * 16 + 15; 0.2 -> 3, 0.34 -> 5, 0.9 -> 14, 0.6 -> 9.
+  np.testing.assert_array_equal(ids, [[256 + 5, 0, 8 * 16 + 15, 256 + 17, 3 * 16 + 5, 14 * 16 + 9, 274, 274],
+                                      [256 + 0, 2 * 16 + 2, 4 * 16 + 4, 274, 274, 274, 274, 274]])
+  with pytest.raises(ValueError, match='take 6 tokens, more than ldm.conditioning.max_length=5'):
+    tokenizer(boxes, np.array([[5, 17], [0, -1]]), 5)
+  with pytest.raises(ValueError, match='class 18, but ldm.conditioning.num_classes=18'):
+    tokenizer(boxes, np.array([[18, 1], [0, -1]]), 6)
+  with pytest.raises(ValueError, match='layout_grid >= 2'):
+    conditioning.LayoutTokenizer(0, 18)

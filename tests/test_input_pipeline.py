@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from latent_diffusion import config_lib
 from latent_diffusion import parallel
+from latent_diffusion.data import captioned_shapes
 from latent_diffusion.data import input_pipeline
 
 
@@ -168,3 +169,38 @@ def test_batch_size_not_divisible_by_batch_shards_is_a_clear_error():
   mesh = parallel.create_mesh(config_lib.mesh())
   with pytest.raises(ValueError, match='not divisible by the 8 batch shards'):
     parallel.check_batch_size(12, mesh)
+
+
+def test_objects_and_segmentation_are_cropped_like_their_image():
+  """A 100 x 200 image keeps its centre 100 x 100 (columns 50-149): boxes move into its coordinates, a box left
+  of it is dropped, the rest padded with label -1; the map is cropped the same way and resized (nearest)."""
+  objects = {'bbox': np.array([[0.1, 0.5, 0.3, 0.6], [0.0, 0.0, 1.0, 0.2], [0.5, 0.2, 1.0, 0.4]], np.float32),
+             'label': np.array([4, 7, 9])}
+  boxes, labels = input_pipeline.preprocess_objects(objects, np.array([100, 200, 3]), 3)
+  np.testing.assert_allclose(boxes.numpy(), [[0.1, 0.5, 0.3, 0.7], [0.5, 0.0, 1.0, 0.3], [0, 0, 0, 0]], atol=1e-6)
+  np.testing.assert_array_equal(labels.numpy(), [4, 9, -1])
+  boxes, labels = input_pipeline.preprocess_objects(objects, np.array([100, 200, 3]), 1)  # the first kept
+  np.testing.assert_array_equal(labels.numpy(), [4])
+  segmentation = np.zeros((100, 200, 1), np.uint8)
+  segmentation[:, 100:150] = 3  # the right half of the crop
+  resized = input_pipeline.preprocess_segmentation(segmentation, 10).numpy()
+  assert resized.shape == (10, 10) and resized.dtype == np.uint8
+  np.testing.assert_array_equal(resized, np.repeat([[0] * 5 + [3] * 5], 10, axis=0))
+
+
+def test_layout_and_segmentation_features_come_from_the_configured_keys(tfds_dir):
+  batch = next(input_pipeline.eval_iterator(data_config(tfds_dir, objects_key='objects', max_objects=3,
+                                                        segmentation_key='segmentation'), 8))
+  assert batch['boxes'].shape == (8, 3, 4) and batch['segmentation'].shape == (8, 32, 32)
+  for i in range(8):  # the boxes and labels describe the scene the caption does
+    layout = captioned_shapes.caption_of_layout(batch['boxes'][i], batch['object_labels'][i])
+    assert layout == batch['caption'][i].decode()
+  assert (batch['object_labels'][:, 2] == -1).all()  # at most two objects per scene
+  shapes = batch['segmentation'] > 0  # the map marks the pixels drawn in an object colour
+  coloured = np.abs(np.round((batch['image'] + 1) * 127.5)[..., None, :] - np.array(
+      list(captioned_shapes.COLOURS.values()))).max(-1).min(-1) == 0
+  np.testing.assert_array_equal(shapes, coloured)
+  with pytest.raises(ValueError, match="no feature data.objects_key='boxes'"):
+    input_pipeline.eval_iterator(data_config(tfds_dir, objects_key='boxes', max_objects=2), 8).__next__()
+  assert 'boxes' not in next(input_pipeline.train_iterator(data_config(tfds_dir, objects_key='objects',
+                                                                      max_objects=3), 8, seed=0))

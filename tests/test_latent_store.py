@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from configs import txt2img
+from latent_diffusion.data import captioned_shapes
 from latent_diffusion.data import latent_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,8 +38,10 @@ def test_shards_round_trip_and_restart_skips_complete_ones(tmp_path, dtype):
   assert names == ['shard-p000-00000.npz', 'shard-p000-00001.npz', 'shard-p000-00002.npz']
   assert calls == [(0, 4), (4, 4), (8, 2)]
   assert not latent_store.is_complete(directory)  # no metadata yet
-  latent_store.write_metadata(directory, {'shards': names, 'dtype': dtype, 'autoencoder_step': 7})
+  latent_store.write_metadata(directory, {'shards': names, 'dtype': dtype, 'autoencoder_step': 7, 'count': 10,
+                                          'examples_per_shard': 4})
   arrays, metadata = latent_store.load(directory)
+  assert latent_store.Shards(directory).sizes == [4, 4, 2]
   np.testing.assert_allclose(arrays['latent'][:, 0, 0, 0], np.arange(10) / 7, rtol=1e-2)
   assert [c.decode() for c in arrays['caption']] == [f'caption {i}' for i in range(10)]
   assert metadata['autoencoder_step'] == 7
@@ -57,7 +60,8 @@ def test_partial_shards_are_never_read_and_missing_ones_make_the_store_incomplet
   directory = str(tmp_path)
   names = latent_store.write_shards(directory, num_examples=4, examples_per_shard=4,
                                     encode_batches=fake_encoder([]), dtype='float16')
-  latent_store.write_metadata(directory, {'shards': names, 'dtype': 'float16', 'autoencoder_step': 1})
+  latent_store.write_metadata(directory, {'shards': names, 'dtype': 'float16', 'autoencoder_step': 1, 'count': 4,
+                                          'examples_per_shard': 4})
   with open(os.path.join(directory, 'shard-p000-00001.npz.tmp'), 'wb') as f:
     f.write(b'partial')  # an interrupted write of another shard
   assert len(latent_store.load(directory)[0]['latent']) == 4
@@ -72,15 +76,52 @@ def test_a_store_from_another_stage_1_checkpoint_is_refused():
   latent_store.check_source({'autoencoder_step': 100}, 100, '/w/latents/train')
 
 
+class InMemoryShards:
+  """Shards of consecutive labels, counting reads."""
+
+  def __init__(self, sizes):
+    self.sizes, self.starts, self.reads = sizes, np.cumsum([0] + sizes), []
+
+  def read(self, index):
+    self.reads.append(index)
+    labels = np.arange(self.starts[index], self.starts[index + 1])
+    return {'latent': labels.astype(np.float32)[:, None], 'label': labels}
+
+
+def labels(shards, batch_size, steps, **kwargs):
+  batches = latent_store.LatentBatches(shards, batch_size, **kwargs)
+  return np.concatenate([next(batches)['label'] for _ in range(steps)])
+
+
 def test_latent_batches_are_seed_fixed_permutations_that_restart_exactly():
-  arrays = {'latent': np.arange(10, dtype=np.float32)[:, None], 'label': np.arange(10)}
-  full = [next_batch['label'] for next_batch, _ in zip(latent_store.LatentBatches(arrays, 4, seed=3), range(6))]
-  assert sorted(np.concatenate(full[:2]).tolist() + full[2][:2].tolist()) == list(range(10))  # epoch 0
-  resumed = [b['label'] for b, _ in zip(latent_store.LatentBatches(arrays, 4, seed=3, start_step=3), range(3))]
-  for a, b in zip(full[3:], resumed):
-    np.testing.assert_array_equal(a, b)
-  other = next(iter(latent_store.LatentBatches(arrays, 4, seed=4)))['label']
-  assert not np.array_equal(other, full[0])
+  full = labels(InMemoryShards([4, 6]), 4, 6, seed=3)
+  np.testing.assert_array_equal(full[:10], np.random.default_rng([3, 0]).permutation(10))  # epoch 0
+  np.testing.assert_array_equal(full[10:20], np.random.default_rng([3, 1]).permutation(10))
+  np.testing.assert_array_equal(labels(InMemoryShards([4, 6]), 4, 3, seed=3, start_step=3), full[12:])
+  assert not np.array_equal(labels(InMemoryShards([4, 6]), 4, 1, seed=4), full[:4])
+
+
+def test_streamed_batches_visit_every_example_once_per_epoch_holding_two_windows():
+  sizes = [4] * 9 + [3]  # 39 examples in 10 shards, windows of 3 shards
+  shards = InMemoryShards(sizes)
+  batches = latent_store.LatentBatches(shards, 5, seed=0, window_shards=3)
+  stream = []
+  for _ in range(16):  # 80 examples: two epochs and 2 more
+    stream.extend(next(batches)['label'])
+    assert len(batches._loaded) <= 2  # pylint: disable=protected-access
+  for epoch in (stream[:39], stream[39:78]):
+    assert sorted(epoch) == list(range(39))
+  assert stream[:39] != stream[39:78] and stream[:39] != sorted(stream[:39])
+  # Each window holds 3 shards' examples: the first 12 examples come from 3 shards.
+  assert len({int(label) // 4 for label in stream[:12]}) == 3
+  assert sorted(shards.reads[:10]) == list(range(10))  # every shard read once in epoch 0 (with the prefetch)
+  np.testing.assert_array_equal(labels(InMemoryShards(sizes), 5, 9, seed=0, window_shards=3, start_step=7),
+                                stream[35:80])
+
+
+def test_shard_sizes_follow_from_the_metadata():
+  names = [latent_store.shard_name(p, i) for p in range(2) for i in range(3)]
+  assert latent_store.shard_sizes({'shards': names, 'count': 20, 'examples_per_shard': 4}) == [4, 4, 2, 4, 4, 2]
 
 
 def main(workdir, tfds_dir, *overrides, config='txt2img'):
@@ -173,12 +214,13 @@ def test_autoencoder_latents_ldm_pipeline_and_refusal(tmp_path, tfds_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('config', ['class_cond', 'uncond', 'super_res', 'inpainting'])
+@pytest.mark.parametrize('config', ['class_cond', 'uncond', 'super_res', 'inpainting', 'layout2img', 'semantic'])
 def test_other_configs_run_every_built_stage(tmp_path, tfds_dir, config):
   splits = "('validation',)" if config in ('class_cond', 'uncond') else "('validation','test')"
+  stream = ['--config.ldm.shuffle_window_shards=1'] if config == 'uncond' else []  # one 800-example shard at a time
   result = main(tmp_path, tfds_dir, '--config.autoencoder.total_steps=2', '--config.ldm.total_steps=4',
                 '--config.sampling.num_steps=5', '--config.sampling.batch_size=8',
-                f'--config.latents.splits={splits}', "--config.sampling.condition_split=test", config=config)
+                f'--config.latents.splits={splits}', "--config.sampling.condition_split=test", *stream, config=config)
   assert result.returncode == 0, result.stderr[-3000:]
   for stage in ('autoencoder', 'latents', 'ldm', 'sample', 'eval'):
     assert f'stage {stage:<12} ran' in result.stdout
@@ -189,11 +231,22 @@ def test_other_configs_run_every_built_stage(tmp_path, tfds_dir, config):
   if config == 'class_cond':  # 6 classes x 4 seeds
     np.testing.assert_array_equal(samples['labels'], np.repeat(range(0, 18, 3), 4))
     np.testing.assert_array_equal(samples['seeds'], list(range(4)) * 6)
-  elif config in ('super_res', 'inpainting'):  # 8 stored test examples x 4 seeds
+  elif config in ('super_res', 'inpainting', 'layout2img', 'semantic'):  # 8 stored test examples x 4 seeds
     np.testing.assert_array_equal(samples['condition_indices'], np.repeat(range(8), 4))
     store, metadata = latent_store.load(tmp_path / 'latents' / 'test')
-    assert metadata['concat'] == {'super_res': 'low_res', 'inpainting': 'inpainting'}[config]
-    if config == 'super_res':
+    assert metadata['concat'] == {'super_res': 'low_res', 'inpainting': 'inpainting', 'semantic': 'segmentation',
+                                  'layout2img': ''}[config]
+    if config == 'layout2img':  # each stored layout reads back as its example's caption; samples are scored
+      assert store['boxes'].shape == (2000, 2, 4) and store['object_labels'].shape == (2000, 2)
+      assert [captioned_shapes.caption_of_layout(b, l) for b, l in zip(store['boxes'], store['object_labels'])] == [
+          c.decode() for c in store['caption']]
+      agreement = json.loads((tmp_path / 'samples' / 'prompt_agreement.json').read_text())
+      assert 0 <= agreement['prompt_agreement/colour_position'] <= agreement['prompt_agreement/colour'] <= 1
+    elif config == 'semantic':  # the class-id maps at image resolution, background the most common
+      assert store['segmentation'].shape == (2000, 32, 32) and store['segmentation'].dtype == np.uint8
+      np.testing.assert_array_equal(np.unique(store['segmentation']), [0, 1, 2, 3])
+      assert np.bincount(store['segmentation'].ravel()).argmax() == 0
+    elif config == 'super_res':
       assert store['low_res'].shape == (2000, 8, 8, 3) and -1 <= store['low_res'].min() < store['low_res'].max() <= 1
     else:
       assert store['masked_latent'].shape == (2000, 8, 8, 3) and store['inpaint_mask'].shape == (2000, 8, 8, 1)

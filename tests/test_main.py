@@ -76,6 +76,12 @@ def test_incompatible_fields_ignore_mutable_ones():
   new.autoencoder.model.ch_mult = (1, 2)
   assert workdir_lib.incompatible_fields(old, new.to_dict()) == [
       ('autoencoder.model.ch_mult', (1, 2, 4), (1, 2)), ('data.random_flip', False, True)]
+  # A field added since the workdir was made matches it at its off value, and only there.
+  del old['data']['objects_key'], old['data']['max_objects'], old['autoencoder']['model']['ch_mult']
+  assert workdir_lib.incompatible_fields(old, txt2img.get_config('smoke').to_dict()) == [
+      ('autoencoder.model.ch_mult', '<absent>', (1, 2, 4))]
+  new.data.max_objects = 2
+  assert ('data.max_objects', '<absent>', 2) in workdir_lib.incompatible_fields(old, new.to_dict())
 
 
 def test_config_arguments():

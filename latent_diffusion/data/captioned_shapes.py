@@ -76,6 +76,20 @@ def caption_of(objects):
   return ' and '.join(o.description for o in objects)
 
 
+def caption_of_layout(boxes, labels):
+  """The caption of a layout (normalised (ymin, xmin, ymax, xmax) boxes and object labels; label -1 pads), read
+  as the dataset reads scenes: the label names shape and colour, the box's side the size, its centre the
+  position. So samples of a layout model can be scored like text samples."""
+  parts = []
+  for (y0, x0, y1, x1), label in zip(np.asarray(boxes, np.float64), np.asarray(labels)):
+    if label < 0:
+      continue
+    shape, colour = SHAPES[label // len(COLOURS)], COLOUR_NAMES[label % len(COLOURS)]
+    size = min(SIZES, key=lambda s: abs(SIZES[s] - (y1 - y0 + x1 - x0) / 2))
+    parts.append(f'a {size} {colour} {shape} {position_of((x0 + x1) / 2, (y0 + y1) / 2)}')
+  return ' and '.join(parts)
+
+
 def vocabulary():
   """A BERT-format WordPiece vocabulary of every caption word (shipped as captioned_shapes_vocab.txt): with it
   the paper's WordPiece tokenizer reads a caption as one token per word."""
@@ -183,8 +197,8 @@ def render(background, objects, resolution):
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes with captions, labels, boxes and segmentation maps, generated offline."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.', '1.1.0': "Objects carry their class ('label': shape x colour)."}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name=str(r), description=f'{r}x{r} pixels.') for r in RESOLUTIONS
   ]
@@ -202,6 +216,7 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
             'label': tfds.features.ClassLabel(
                 names=[f'{c} {s}' for s in SHAPES for c in COLOUR_NAMES] + ['null']),
             'objects': tfds.features.Sequence({
+                'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
                 'shape': tfds.features.ClassLabel(names=SHAPES),
                 'colour': tfds.features.ClassLabel(names=COLOUR_NAMES),
                 'size': tfds.features.ClassLabel(names=SIZE_NAMES),
@@ -230,6 +245,7 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
         'caption': caption_of(objects),
         'label': label_of(objects[0].shape, objects[0].colour),
         'objects': [{
+            'label': label_of(o.shape, o.colour),
             'shape': o.shape,
             'colour': o.colour,
             'size': o.size,

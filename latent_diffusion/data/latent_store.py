@@ -6,6 +6,7 @@ renamed when complete, so a restart skips complete shards and a reader never see
 records which stage-1 checkpoint made it, and readers refuse a store made by another.
 """
 
+import concurrent.futures
 import json
 import math
 import os
@@ -125,21 +126,47 @@ def read_shard(directory, name, dtype):
 
 def load(directory):
   """All examples of a complete store, in shard order: ({key: array}, metadata); latents as float32."""
-  if not is_complete(directory):
-    raise ValueError(f'The latent store {directory} is missing or incomplete; run the `latents` stage.')
-  metadata = read_metadata(directory)
-  parts = [read_shard(directory, name, metadata['dtype']) for name in metadata['shards']]
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, metadata
+  shards = Shards(directory)
+  parts = [shards.read(i) for i in range(len(shards.sizes))]
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, shards.metadata
+
+
+def shard_sizes(metadata):
+  """The number of examples in each of `metadata['shards']`: every host wrote `examples_per_shard` per shard of
+  its equal share, the last shard of each host holding the rest."""
+  hosts = len({name.rsplit('-', 1)[0] for name in metadata['shards']})
+  per_host, per_shard = metadata['count'] // hosts, metadata['examples_per_shard']
+  return [min(per_shard, per_host - int(name.rsplit('-', 1)[1].split('.')[0]) * per_shard)
+          for name in metadata['shards']]
+
+
+class Shards:
+  """A complete store read shard by shard: `metadata`, `sizes` (examples per shard) and `read(index)`."""
+
+  def __init__(self, directory):
+    if not is_complete(directory):
+      raise ValueError(f'The latent store {directory} is missing or incomplete; run the `latents` stage.')
+    self.directory, self.metadata = directory, read_metadata(directory)
+    self.sizes = shard_sizes(self.metadata)
+
+  def read(self, index):
+    return read_shard(self.directory, self.metadata['shards'][index], self.metadata['dtype'])
 
 
 class LatentBatches:
-  """Endless host-local batches from a loaded store, in an order fixed by the seed alone: epoch e is the
-  permutation `default_rng([seed, e])` of all examples, global batch k is its next `global_batch_size`
-  examples, and each host takes its rows of that batch. So the global batches do not depend on the number of
-  hosts, and starting at step k gives the batches of an uninterrupted run."""
+  """Endless host-local batches from a store's shards, in an order fixed by the seed alone; each global batch is
+  the stream's next `global_batch_size` examples, and each host takes its rows of it. So the global batches do
+  not depend on the number of hosts, and starting at step k gives the batches of an uninterrupted run.
 
-  def __init__(self, arrays, global_batch_size, *, seed, start_step=0):
-    self.arrays, self.num_examples = arrays, len(arrays['latent'])
+  `window_shards=0` holds the whole store in memory: epoch e is the permutation `default_rng([seed, e])` of all
+  examples. N > 0 streams stores larger than memory: epoch e visits the shards in a seed-fixed order, N at a time,
+  each window permuted; two windows are in memory, the next read in the background while this one trains.
+  """
+
+  def __init__(self, shards, global_batch_size, *, seed, start_step=0, window_shards=0):
+    self.shards, self.sizes = shards, np.asarray(shards.sizes)
+    self.num_examples = int(self.sizes.sum())
+    self.window = min(window_shards or len(self.sizes), len(self.sizes))
     if global_batch_size % jax.process_count():
       raise ValueError(f'The global batch size {global_batch_size} is not divisible by the {jax.process_count()} '
                        'hosts.')
@@ -147,21 +174,59 @@ class LatentBatches:
     local = global_batch_size // jax.process_count()
     self.rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
     self.seed, self.position = seed, start_step * global_batch_size
-    self._epoch = None
+    self._windows, self._order, self._loaded = {}, (None, None), {}
+    self._reader = concurrent.futures.ThreadPoolExecutor(1)
 
-  def _order(self, epoch):
-    if self._epoch is None or self._epoch[0] != epoch:
-      self._epoch = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_examples))
-    return self._epoch[1]
+  def _epoch_windows(self, epoch):
+    """Epoch e's windows: [(shard indices, the seed of their permutation)]."""
+    if epoch not in self._windows:
+      count = len(self.sizes)
+      if self.window == count:
+        windows = [(tuple(range(count)), (self.seed, epoch))]
+      else:
+        order = np.random.default_rng([self.seed, epoch, 1]).permutation(count).tolist()
+        windows = [(tuple(order[i:i + self.window]), (self.seed, epoch, 2, i)) for i in range(0, count, self.window)]
+      self._windows = {e: w for e, w in self._windows.items() if e >= epoch - 1}
+      self._windows[epoch] = windows
+    return self._windows[epoch]
+
+  def _concatenated(self, indices):
+    parts = [self.shards.read(i) for i in indices]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def _read(self, indices):
+    """A future of the concatenated arrays of shards `indices`, read once and kept while in use."""
+    if indices not in self._loaded:
+      self._loaded[indices] = self._reader.submit(self._concatenated, indices)
+    return self._loaded[indices]
+
+  def _locate(self, position):
+    """(arrays, order, offset, size) of the window holding the stream's example `position`; the next window's
+    read starts."""
+    epoch, offset = divmod(position, self.num_examples)
+    windows, start = self._epoch_windows(epoch), 0
+    for i, (indices, seed) in enumerate(windows):
+      size = int(self.sizes[list(indices)].sum())
+      if offset < start + size:
+        break
+      start += size
+    following = windows[i + 1][0] if i + 1 < len(windows) else self._epoch_windows(epoch + 1)[0][0]
+    current = self._read(indices)
+    self._read(following)
+    self._loaded = {k: v for k, v in self._loaded.items() if k in (indices, following)}
+    if self._order[0] != seed:
+      self._order = (seed, np.random.default_rng(list(seed)).permutation(size))
+    return current.result(), self._order[1], offset - start, size
 
   def __iter__(self):
     return self
 
   def __next__(self):
-    indices = []
-    while len(indices) < self.global_batch_size:
-      epoch, offset = divmod(self.position, self.num_examples)
-      take = min(self.global_batch_size - len(indices), self.num_examples - offset)
-      indices.extend(self._order(epoch)[offset:offset + take])
-      self.position += take
-    return {k: v[np.asarray(indices[self.rows])] for k, v in self.arrays.items()}
+    parts, needed = [], self.global_batch_size
+    while needed:
+      arrays, order, offset, size = self._locate(self.position)
+      take = min(needed, size - offset)
+      rows = order[offset:offset + take]
+      parts.append({k: v[rows] for k, v in arrays.items()})
+      self.position, needed = self.position + take, needed - take
+    return {k: np.concatenate([p[k] for p in parts])[self.rows] for k in parts[0]}

@@ -2,8 +2,9 @@
 
 A source exposes `num_examples` (this host's share), `epoch(seed, epoch)` (a tf.data stream of raw records in
 a deterministic order that depends only on the seed and the epoch) and `decode(record)` (a dict with `image`
-uint8 [H, W, 3] and, when the data has them, `caption` and `label`). Decoding after ordering lets a restart
-skip records cheaply.
+uint8 [H, W, 3]; when the data has them, `caption` and `label`; when configured, `objects` (`bbox`, normalised
+(ymin, xmin, ymax, xmax) [N, 4], and `label` [N]: layouts) and `segmentation` ([H, W, 1] class ids)). Decoding
+after ordering lets a restart skip records cheaply.
 """
 
 import os
@@ -34,7 +35,8 @@ class TfdsSource:
   """A TFDS split read from its TFRecord shards: shard order and blocks of records shuffled per epoch."""
 
   def __init__(self, name, split, *, data_dir=None, image_key='image', caption_key='caption',
-               label_key='label', process_index=0, process_count=1, shuffle_block=10_000):
+               label_key='label', objects_key='', segmentation_key='', process_index=0, process_count=1,
+               shuffle_block=10_000):
     try:
       self.builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -46,9 +48,16 @@ class TfdsSource:
     features = self.builder.info.features
     self.keys = {k: v for k, v in (('image', image_key), ('caption', caption_key), ('label', label_key))
                  if v and v in features}
-    if 'image' not in self.keys:
-      raise ValueError(f"Dataset '{name}' has no feature data.image_key='{image_key}'; its features are "
-                       f'{sorted(features)}.')
+    for ours, field, theirs in (('image', 'image_key', image_key), ('objects', 'objects_key', objects_key),
+                                ('segmentation', 'segmentation_key', segmentation_key)):
+      if theirs and theirs not in features:
+        raise ValueError(f"Dataset '{name}' has no feature data.{field}='{theirs}'; its features are "
+                         f'{sorted(features)}.')
+      if theirs:
+        self.keys[ours] = theirs
+    if objects_key and not {'bbox', 'label'} <= set(features[objects_key].keys()):
+      raise ValueError(f"data.objects_key='{objects_key}' of dataset '{name}' needs 'bbox' and 'label' per object; "
+                       f'it has {sorted(features[objects_key].keys())}.')
     if split.split('[')[0] not in self.builder.info.splits:
       raise ValueError(f"Dataset '{name}' has no split '{split}'; it has {sorted(self.builder.info.splits)}.")
     host_split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
@@ -93,7 +102,10 @@ class TfdsSource:
 
   def decode(self, record):
     example = self.builder.info.features.deserialize_example(record)
-    return {ours: example[theirs] for ours, theirs in self.keys.items()}
+    decoded = {ours: example[theirs] for ours, theirs in self.keys.items()}
+    if 'objects' in decoded:
+      decoded['objects'] = {k: decoded['objects'][k] for k in ('bbox', 'label')}
+    return decoded
 
 
 class FolderSource:
@@ -138,8 +150,13 @@ def _read_caption(image_path):
 def create_source(data_config, split, *, process_index=0, process_count=1):
   """The source named by `data_config`: `data.folder` when set, else the TFDS dataset `data.name`."""
   if data_config.folder:
+    if data_config.objects_key or data_config.segmentation_key:
+      raise ValueError(f"data.folder='{data_config.folder}' holds images and captions only; layouts and "
+                       'segmentation maps (data.objects_key, data.segmentation_key) need a TFDS dataset.')
     return FolderSource(data_config.folder, process_index=process_index, process_count=process_count)
   return TfdsSource(
       data_config.name, split, data_dir=data_config.data_dir or None, image_key=data_config.image_key,
-      caption_key=data_config.caption_key, label_key=data_config.label_key, process_index=process_index,
+      caption_key=data_config.caption_key, label_key=data_config.label_key,
+      objects_key=data_config.objects_key, segmentation_key=data_config.segmentation_key,
+      process_index=process_index,
       process_count=process_count, shuffle_block=data_config.shuffle_block)

@@ -1,16 +1,20 @@
 """Concat conditioning (paper Sec. 3.3): inputs concatenated to the UNet's noisy latent along channels.
 
 'low_res' (super-resolution): the image downsampled to the latent size. 'inpainting': the latent of the image
-with a box masked out, scaled like z, and the mask at latent size. The `latents` stage stores them per example;
-training and sampling concatenate them to x_t.
+with a box masked out, scaled like z, and the mask at latent size. 'segmentation' (semantic synthesis): the
+class-id map as one-hot classes averaged over each latent pixel's block, the reference's SpatialRescaler without
+its learned 1x1 map (the UNet's first conv is linear in its input too). The `latents` stage stores them per
+example (the map at image resolution, as uint8 ids); training and sampling concatenate them to x_t.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ('', 'low_res', 'inpainting')
+KINDS = ('', 'low_res', 'inpainting', 'segmentation')
 # The latent store's arrays each kind is made of.
-KEYS = {'': (), 'low_res': ('low_res',), 'inpainting': ('masked_latent', 'inpaint_mask')}
+KEYS = {'': (), 'low_res': ('low_res',), 'inpainting': ('masked_latent', 'inpaint_mask'),
+        'segmentation': ('segmentation',)}
 
 
 def check(concat):
@@ -18,9 +22,20 @@ def check(concat):
     raise ValueError(f"ldm.conditioning.concat='{concat}' is not one of {KINDS}.")
 
 
-def num_channels(concat, latent_channels):
+def num_channels(concat, latent_channels, segmentation_classes=0):
   check(concat)
-  return {'': 0, 'low_res': 3, 'inpainting': latent_channels + 1}[concat]
+  if concat == 'segmentation' and segmentation_classes < 1:
+    raise ValueError("ldm.conditioning.concat='segmentation' needs ldm.conditioning.segmentation_classes, the "
+                     'number of classes of the maps (ids 0 .. classes - 1).')
+  return {'': 0, 'low_res': 3, 'inpainting': latent_channels + 1, 'segmentation': segmentation_classes}[concat]
+
+
+def check_segmentation(segmentation, num_classes):
+  """Refuses class ids the one-hot encoding would silently drop."""
+  if segmentation.size and segmentation.max() >= num_classes:
+    raise ValueError(f'A segmentation map holds class id {segmentation.max()}, but '
+                     f'ldm.conditioning.segmentation_classes={num_classes}; set it to at least '
+                     f'{segmentation.max() + 1}.')
 
 
 def area_downsample(x, size):
@@ -41,13 +56,16 @@ def box_masks(seed, process, positions, resolution):
   return masks
 
 
-def condition(arrays, concat, scale_factor):
-  """What the UNet input is concatenated with, [B, h, w, k], from stored arrays: the low-res image, or the
-  masked image's latent (scaled like z) and the mask; None without concat conditioning."""
+def condition(arrays, concat, scale_factor, *, size=0, segmentation_classes=0):
+  """What the UNet input is concatenated with, [B, h, w, k], from stored arrays: the low-res image, the masked
+  image's latent (scaled like z) and the mask, or the class fractions of the segmentation map at the latent
+  `size`; None without concat conditioning."""
   if not concat:
     return None
   if concat == 'low_res':
     return arrays['low_res']
+  if concat == 'segmentation':
+    return area_downsample(jax.nn.one_hot(arrays['segmentation'], segmentation_classes), size)
   return jnp.concatenate([arrays['masked_latent'] * scale_factor, arrays['inpaint_mask']], axis=-1)
 
 

@@ -31,15 +31,20 @@ class Requests:
   guidance_scales: np.ndarray
 
 
+def conditions_are_stored(kind, concat):
+  """Whether a model's conditions are stored examples (concat inputs, layouts) rather than prompts or classes."""
+  return bool(concat) or kind == 'layout'
+
+
 def requests_from_config(sampling_config, kind, concat=''):
   """Every (guidance scale, condition, seed) of the `sampling` section, the images of one condition
   consecutive in the config's order. Prompts come from `prompt_file` (one per line) when it is set; the
-  conditions of concat-conditioned models are example indices of `sampling.condition_split`."""
+  conditions of concat- and layout-conditioned models are example indices of `sampling.condition_split`."""
   s = sampling_config
-  if concat:
-    if kind != 'none':
-      raise ValueError(f"Sampling a model with both ldm.conditioning.concat='{concat}' and kind='{kind}' is not "
-                       "supported: the `sample` stage draws concat models per stored example (kind='none').")
+  if concat and kind != 'none':
+    raise ValueError(f"Sampling a model with both ldm.conditioning.concat='{concat}' and kind='{kind}' is not "
+                     "supported: the `sample` stage draws concat models per stored example (kind='none').")
+  if conditions_are_stored(kind, concat):
     conditions = [int(i) for i in s.condition_indices]
   elif kind in conditioning.TEXT_KINDS:
     conditions = list(s.prompts)
@@ -65,15 +70,17 @@ class Generator:
   """Samples images for `Requests` with given UNet/conditioner params and first-stage params."""
 
   def __init__(self, *, unet, conditioner, schedule, parameterization, decoder, latent_shape, scale_factor,
-               sampling_config, mesh, concat='', concat_source=None):
-    """`concat_source`: for concat-conditioned models, the stored arrays of the examples that conditions index."""
+               sampling_config, mesh, concat='', segmentation_classes=0, condition_source=None):
+    """`condition_source`: for concat- and layout-conditioned models, the stored arrays of the examples that
+    conditions index."""
     s = sampling_config
     if s.sampler not in SAMPLERS:
       raise ValueError(f"Unknown sampling.sampler '{s.sampler}'; choose one of {sorted(SAMPLERS)}.")
     parallel.check_batch_size(s.batch_size, mesh, 'sampling.batch_size')
     self.conditioner, self.mesh, self.batch_size = conditioner, mesh, s.batch_size
     self.flops_per_image = None  # analytic FLOPs of one image's sampling and decoding, known after a batch
-    self.concat, self.concat_source, self.scale_factor = concat, concat_source, scale_factor
+    self.concat, self.condition_source, self.scale_factor = concat, condition_source, scale_factor
+    self.condition_options = dict(size=latent_shape[0], segmentation_classes=segmentation_classes)
     sampler = SAMPLERS[s.sampler]
     options = dict(eta=s.eta) if s.sampler == 'ddim' else {}
 
@@ -116,13 +123,14 @@ class Generator:
     per_host = self.batch_size // jax.process_count()
     rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
     local = {'seeds': seeds[rows]}
-    if self.concat:
-      index = np.array(conditions[rows])
-      stored = {k: self.concat_source[k][index] for k in concat_lib.KEYS[self.concat]}
-      local['concat'] = np.asarray(concat_lib.condition(stored, self.concat, self.scale_factor), np.float32)
+    if self.condition_source is not None:  # conditions index stored examples
+      stored = {k: v[np.array(conditions[rows])] for k, v in self.condition_source.items()}
     else:
-      key = 'caption' if self.conditioner.kind in conditioning.TEXT_KINDS else 'label'
-      local.update(self.conditioner.inputs({key: np.array(conditions[rows])}))
+      stored = {'caption' if self.conditioner.kind in conditioning.TEXT_KINDS else 'label': np.array(conditions[rows])}
+    if self.concat:
+      local['concat'] = np.asarray(concat_lib.condition(stored, self.concat, self.scale_factor,
+                                                        **self.condition_options), np.float32)
+    local.update(self.conditioner.inputs(stored))
     batch = input_pipeline.to_global(local, self.mesh)
     seeds = batch.pop('seeds')
     if self.flops_per_image is None:

@@ -94,6 +94,38 @@ def create_tokenizer(conditioning_config):
   raise ValueError(f"ldm.conditioning.tokenizer='{conditioning_config.tokenizer}' is not 'bytes' or 'wordpiece'.")
 
 
+class LayoutTokenizer:
+  """Object layouts as token sequences for a transformer (the paper's layout-to-image conditioning, after
+  taming-transformers' bounding-box builder): per object its class token, then its top-left and bottom-right
+  corners as cells of a `grid` x `grid` lattice; padded with one pad token. Ids: corners 0 .. grid^2 - 1,
+  classes grid^2 + label, pad grid^2 + num_classes."""
+
+  def __init__(self, grid, num_classes):
+    if grid < 2 or num_classes < 1:
+      raise ValueError(f'A layout needs ldm.conditioning.layout_grid >= 2 (it is {grid}) and num_classes >= 1 '
+                       f'(it is {num_classes}), the number of object classes.')
+    self.grid, self.num_classes = grid, num_classes
+    self.pad = grid * grid + num_classes
+    self.vocab_size = self.pad + 1
+
+  def corner(self, y, x):
+    cell = lambda v: np.clip(np.round(np.asarray(v) * (self.grid - 1)), 0, self.grid - 1).astype(np.int32)
+    return cell(y) * self.grid + cell(x)
+
+  def __call__(self, boxes, labels, max_length):
+    """boxes [B, N, 4] normalised (ymin, xmin, ymax, xmax), labels [B, N] (-1 pads) -> ids [B, max_length]."""
+    boxes, labels = np.asarray(boxes, np.float32), np.asarray(labels, np.int32)
+    if 3 * labels.shape[1] > max_length:
+      raise ValueError(f'{labels.shape[1]} objects take {3 * labels.shape[1]} tokens, more than '
+                       f'ldm.conditioning.max_length={max_length}; raise it or lower data.max_objects.')
+    if labels.max(initial=-1) >= self.num_classes:
+      raise ValueError(f'An object has class {labels.max()}, but ldm.conditioning.num_classes={self.num_classes}.')
+    tokens = np.stack([self.grid**2 + labels, self.corner(boxes[..., 0], boxes[..., 1]),
+                       self.corner(boxes[..., 2], boxes[..., 3])], axis=-1)
+    tokens = np.where(labels[..., None] >= 0, tokens, self.pad).reshape(len(labels), -1)
+    return np.pad(tokens, ((0, 0), (0, max_length - tokens.shape[1])), constant_values=self.pad)
+
+
 ACTIVATIONS = {'gelu': lambda x: nn.gelu(x, approximate=False), 'quick_gelu': lambda x: x * nn.sigmoid(1.702 * x)}
 
 

@@ -95,7 +95,7 @@ def checkpoint_metrics(config, workdir, evaluator, *, step=None, num_samples=Non
   requests = evaluator_lib.eval_requests(config, workdir, num_samples or config.eval.num_samples)
   out, agreement = evaluator_lib.sample_features(
       config, evaluator, generator, params, ae_params, requests,
-      lambda r, images: ldm.sample_scalars(config, r, images),
+      lambda r, images: ldm.sample_scalars(config, r, images, generator.condition_source),
       chunk=max(config.sampling.batch_size, config.eval.batch_size) * 8)
   return {'ldm_step': step, **evaluator.metrics(out), **agreement, 'num_images': len(out['pool3'])}
 

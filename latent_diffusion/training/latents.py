@@ -1,5 +1,6 @@
 """The `latents` stage: encodes every example of the configured splits once with the frozen first stage, with
-the concat conditions of `ldm.conditioning.concat` (low-res image, or masked-image latent and mask)."""
+its caption, label, layout or segmentation map, and the concat conditions of `ldm.conditioning.concat`
+(low-res image, or masked-image latent and mask)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,10 @@ from latent_diffusion.data import latent_store
 from latent_diffusion.diffusion import concat as concat_lib
 from latent_diffusion.training import autoencoder as autoencoder_stage
 from latent_diffusion.training import checkpoint
+
+
+# What the store keeps of each example besides its latent, when the data has it.
+CONDITIONING_KEYS = ('caption', 'label', 'boxes', 'object_labels', 'segmentation')
 
 
 def is_done(config, workdir):
@@ -50,6 +55,16 @@ def make_encode(model, kind, concat):
   return jax.jit(encode)
 
 
+def check_data(config):
+  """Layout and semantic models need the data features their conditions are stored from."""
+  if config.ldm.conditioning.kind == 'layout' and not (config.data.objects_key and config.data.max_objects > 0):
+    raise ValueError("ldm.conditioning.kind='layout' stores object boxes: set data.objects_key (a sequence "
+                     "feature with 'bbox' and 'label', e.g. 'objects') and data.max_objects > 0.")
+  if config.ldm.conditioning.concat == 'segmentation' and not config.data.segmentation_key:
+    raise ValueError("ldm.conditioning.concat='segmentation' stores segmentation maps: set data.segmentation_key "
+                     "(a class-id image feature, e.g. 'segmentation').")
+
+
 def run(config, workdir):
   """Writes WORKDIR/latents/<split>/ for each of `latents.splits`; restarts skip complete shards."""
   mesh = parallel.create_mesh(config.mesh)
@@ -58,6 +73,7 @@ def run(config, workdir):
   model, params, ae_step = autoencoder_stage.load_trained(config, workdir, mesh)
   kind = config.autoencoder.model.kind
   concat = config.ldm.conditioning.concat
+  check_data(config)
   encode = make_encode(model, kind, concat)
   for split in config.latents.splits:
     directory = latent_store.split_dir(workdir, split)
@@ -78,7 +94,9 @@ def run(config, workdir):
         inputs = input_pipeline.to_global({'image': batch['image'], 'masks': masks}, mesh)
         encoded = parallel.to_host_local(encode(params, inputs['image'], inputs['masks']), mesh)
         keep = batch['mask']
-        conditioning = {k: batch[k][keep] for k in ('caption', 'label') if k in batch}
+        conditioning = {k: batch[k][keep] for k in CONDITIONING_KEYS if k in batch}
+        if concat == 'segmentation':
+          concat_lib.check_segmentation(conditioning['segmentation'], config.ldm.conditioning.segmentation_classes)
         if 'caption' in conditioning:
           conditioning['caption'] = conditioning['caption'].astype(np.bytes_)  # npz stores no objects
         yield {**{k: v[keep] for k, v in encoded.items()}, **conditioning}

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from latent_diffusion import parallel
+from latent_diffusion.data import captioned_shapes
 from latent_diffusion.data import latent_store
 from latent_diffusion.diffusion import concat as concat_lib
 from latent_diffusion.diffusion import generate
@@ -38,8 +39,9 @@ class Conditioner:
 
   kind 'text': a transformer over tokens, trained with the UNet; 'clip': the frozen CLIP text encoder and
   tokenizer of `ldm.conditioning.pretrained` (Stable Diffusion's; its params are `frozen`, never trained);
-  'class': a one-token class embedding whose last id is the null class; 'none' (unconditional): no context,
-  and the UNet's transformers attend to the image alone.
+  'class': a one-token class embedding whose last id is the null class; 'layout': the stored boxes and object
+  classes as tokens (`LayoutTokenizer`) through a transformer trained with the UNet, all-pad tokens as the null
+  layout; 'none' (unconditional): no context, and the UNet's transformers attend to the image alone.
   """
 
   def __init__(self, cond_config):
@@ -58,14 +60,22 @@ class Conditioner:
                                                   cond_config.width, cond_config.depth, cond_config.num_heads)
       self.null = {'tokens': self.tokenizer([''], cond_config.max_length)}
       self.length = cond_config.max_length
+    elif self.kind == 'layout':
+      self.tokenizer = conditioning.LayoutTokenizer(cond_config.layout_grid, cond_config.num_classes)
+      self.model = conditioning.TextTransformer(self.tokenizer.vocab_size, cond_config.max_length,
+                                                cond_config.width, cond_config.depth, cond_config.num_heads)
+      self.null = {'tokens': np.full((1, cond_config.max_length), self.tokenizer.pad, np.int32)}
+      self.length = cond_config.max_length
     elif self.kind == 'class':
       self.model = conditioning.ClassEmbedder(cond_config.num_classes, cond_config.width)
       self.null = {'label': np.full((1,), cond_config.num_classes - 1, np.int32)}
     elif self.kind != 'none':
-      raise ValueError(f"ldm.conditioning.kind='{self.kind}' is not 'text', 'clip', 'class' or 'none'.")
+      raise ValueError(f"ldm.conditioning.kind='{self.kind}' is not 'text', 'clip', 'class', 'layout' or 'none'.")
 
   def inputs(self, batch):
-    """Host-side conditioning inputs of a batch of stored examples (captions are tokenized here)."""
+    """Host-side conditioning inputs of a batch of stored examples (captions and layouts are tokenized here)."""
+    if self.kind == 'layout':
+      return {'tokens': self.tokenizer(batch['boxes'], batch['object_labels'], self.length)}
     if 'tokens' in self.null:
       return {'tokens': self.tokenizer(list(batch['caption']), self.length)}
     if self.kind == 'class':
@@ -102,7 +112,7 @@ def create(config, metadata):
   """The UNet, the conditioner and the train state's init function for a latent store's metadata."""
   ldm = config.ldm
   shape = stored_latent_shape(metadata)
-  concat_channels = concat_lib.num_channels(ldm.conditioning.concat, shape[-1])
+  concat_channels = concat_lib.num_channels(ldm.conditioning.concat, shape[-1], ldm.conditioning.segmentation_classes)
   unet = unet_lib.create_unet(ldm.unet, out_channels=shape[-1])
   conditioner = Conditioner(ldm.conditioning)
   tx = optimizer(ldm.optimizer)
@@ -154,7 +164,8 @@ def make_train_step(config, unet, conditioner, schedule, scale_factor, kind):
     z_rng, drop_rng, loss_rng, dropout_rng = jax.random.split(rng, 4)
     z = sample_latent(batch['latent'], kind, z_rng) * scale_factor
     inputs = objective.drop_condition(drop_rng, {k: batch[k] for k in null}, null, ldm.p_uncond)
-    condition = concat_lib.condition(batch, ldm.conditioning.concat, scale_factor)
+    condition = concat_lib.condition(batch, ldm.conditioning.concat, scale_factor, size=z.shape[1],
+                                     segmentation_classes=ldm.conditioning.segmentation_classes)
 
     def loss_fn(params):
       context = conditioner.encode(state.with_frozen(params)['cond'], inputs)
@@ -188,18 +199,20 @@ def sample_latent_shape(config, metadata):
 
 def make_generator(config, workdir, mesh, unet, conditioner, metadata):
   """The sampler of this stage's models, decoding with the trained first stage: (Generator, its params).
-  Concat-conditioned models take their conditions from the latent store of `sampling.condition_split`."""
+  Concat- and layout-conditioned models take their conditions from the latent store of
+  `sampling.condition_split`."""
   ae_model, ae_params, _ = autoencoder_stage.load_trained(config, workdir, mesh)
   concat = config.ldm.conditioning.concat
   source = None
-  if concat:
+  if generate.conditions_are_stored(config.ldm.conditioning.kind, concat):
     source, _ = latent_store.load(latent_store.split_dir(workdir, config.sampling.condition_split))
   generator = generate.Generator(
       unet=unet, conditioner=conditioner, schedule=schedules.Schedule.from_config(config.ldm.schedule),
       parameterization=config.ldm.parameterization,
       decoder=lambda params, z: ae_model.apply({'params': params}, z, method='decode'),
       latent_shape=sample_latent_shape(config, metadata), scale_factor=metadata['scale_factor'],
-      sampling_config=config.sampling, mesh=mesh, concat=concat, concat_source=source)
+      sampling_config=config.sampling, mesh=mesh, concat=concat,
+      segmentation_classes=config.ldm.conditioning.segmentation_classes, condition_source=source)
   return generator, ae_params
 
 
@@ -207,15 +220,15 @@ def make_evaluate(config, workdir, generator, ae_params, fid_evaluator=None):
   """Periodic sampling: the configured prompts drawn with the EMA params, as a grid, plus prompt agreement on
   the built-in dataset; with an `fid_evaluator`, also FID (IS, precision/recall) of eval.training_num_samples
   fresh samples."""
-  requests = generate.requests_from_config(config.sampling, config.ldm.conditioning.kind,
-                                          config.ldm.conditioning.concat)
+  cond = config.ldm.conditioning
+  requests = generate.requests_from_config(config.sampling, cond.kind, cond.concat)
   if fid_evaluator is not None:  # the FID conditions are read once, not at every evaluation
     fresh = evaluator_lib.eval_requests(config, workdir, config.eval.training_num_samples)
 
   def evaluate(state, step):
     del step
     images = generator(state.eval_params, ae_params, requests)
-    scalars = sample_scalars(config, requests, images)
+    scalars = sample_scalars(config, requests, images, generator.condition_source)
     if fid_evaluator is not None:
       out, _ = evaluator_lib.sample_features(config, fid_evaluator, generator, state.eval_params, ae_params,
                                              fresh, lambda *_: {}, chunk=len(fresh.seeds))
@@ -225,13 +238,18 @@ def make_evaluate(config, workdir, generator, ae_params, fid_evaluator=None):
   return evaluate
 
 
-def sample_scalars(config, requests, images):
-  """Prompt agreement of text samples of `captioned_shapes` (the fraction of prompted objects drawn with the
-  right colour at the right position, read from pixels); nothing for other data."""
-  text = config.ldm.conditioning.kind in conditioning.TEXT_KINDS
-  if not text or not config.data.name.startswith('captioned_shapes'):
+def sample_scalars(config, requests, images, condition_source=None):
+  """Prompt agreement of text and layout samples of `captioned_shapes` (the fraction of prompted objects drawn
+  with the right colour at the right position, read from pixels; a layout is read as its caption); nothing for
+  other data. Layout conditions index `condition_source`, the stored examples."""
+  kind = config.ldm.conditioning.kind
+  if kind not in conditioning.TEXT_KINDS + ('layout',) or not config.data.name.startswith('captioned_shapes'):
     return {}
-  agreement = prompt_agreement.prompt_agreement(images, requests.conditions)
+  prompts = requests.conditions
+  if kind == 'layout':
+    prompts = [captioned_shapes.caption_of_layout(condition_source['boxes'][i], condition_source['object_labels'][i])
+               for i in requests.conditions]
+  agreement = prompt_agreement.prompt_agreement(images, prompts)
   return {f'prompt_agreement/{k}': v for k, v in agreement.items() if k != 'objects'}
 
 
@@ -261,7 +279,8 @@ def run(config, workdir):
   mesh = parallel.create_mesh(config.mesh)
   parallel.check_batch_size(ldm.batch_size, mesh)
   store = latent_store.split_dir(workdir, config.latents.splits[0])
-  arrays, metadata = latent_store.load(store)
+  shards = latent_store.Shards(store)
+  metadata = shards.metadata
   latent_store.check_source(
       metadata, checkpoint.latest_saved_step(autoencoder_stage.checkpoint_dir(workdir)), store)
   if metadata.get('concat', '') != ldm.conditioning.concat:
@@ -271,7 +290,8 @@ def run(config, workdir):
   schedule = schedules.Schedule.from_config(ldm.schedule)
 
   def batches(start_step):
-    for batch in latent_store.LatentBatches(arrays, ldm.batch_size, seed=config.seed, start_step=start_step):
+    for batch in latent_store.LatentBatches(shards, ldm.batch_size, seed=config.seed, start_step=start_step,
+                                            window_shards=ldm.shuffle_window_shards):
       concat = {k: batch[k] for k in concat_lib.KEYS[ldm.conditioning.concat]}
       yield {'latent': batch['latent'], **concat, **conditioner.inputs(batch)}
 

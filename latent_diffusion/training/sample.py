@@ -34,7 +34,7 @@ def _saved_request(config, workdir):
   requests = generate.requests_from_config(config.sampling, cond.kind, cond.concat)
   step = checkpoint.latest_saved_step(ldm.checkpoint_dir(workdir))
   saved = {'seeds': requests.seeds, 'guidance_scales': requests.guidance_scales, 'ldm_step': np.array(step)}
-  if cond.concat:
+  if generate.conditions_are_stored(cond.kind, cond.concat):
     key = 'condition_indices'
   else:
     key = 'prompts' if cond.kind in conditioning.TEXT_KINDS else {'class': 'labels'}.get(cond.kind)
@@ -66,7 +66,7 @@ def run(config, workdir):
   logging.info('Sampled %d images (%s, %d steps) from the ldm checkpoint at step %d in %.1f s: %.3g FLOPs per '
                'image, %.3g TFLOP/s.', len(images), config.sampling.sampler, config.sampling.num_steps, step, seconds,
                generator.flops_per_image, generator.flops_per_image * len(images) / seconds / 1e12)
-  scalars = ldm.sample_scalars(config, requests, images)
+  scalars = ldm.sample_scalars(config, requests, images, generator.condition_source)
   if scalars:
     logging.info('Prompt agreement of the samples: %s', scalars)
   if parallel.is_main_process():
