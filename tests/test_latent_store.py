@@ -87,6 +87,8 @@ class InMemoryShards:
     labels = np.arange(self.starts[index], self.starts[index + 1])
     return {'latent': labels.astype(np.float32)[:, None], 'label': labels}
 
+  read_many = latent_store.Shards.read_many
+
 
 def labels(shards, batch_size, steps, **kwargs):
   batches = latent_store.LatentBatches(shards, batch_size, **kwargs)

@@ -127,8 +127,7 @@ def read_shard(directory, name, dtype):
 def load(directory):
   """All examples of a complete store, in shard order: ({key: array}, metadata); latents as float32."""
   shards = Shards(directory)
-  parts = [shards.read(i) for i in range(len(shards.sizes))]
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, shards.metadata
+  return shards.read_many(range(len(shards.sizes))), shards.metadata
 
 
 def shard_sizes(metadata):
@@ -141,7 +140,8 @@ def shard_sizes(metadata):
 
 
 class Shards:
-  """A complete store read shard by shard: `metadata`, `sizes` (examples per shard) and `read(index)`."""
+  """A complete store read shard by shard: `metadata`, `sizes` (examples per shard), `read(index)` and
+  `read_many(indices)`."""
 
   def __init__(self, directory):
     if not is_complete(directory):
@@ -151,6 +151,11 @@ class Shards:
 
   def read(self, index):
     return read_shard(self.directory, self.metadata['shards'][index], self.metadata['dtype'])
+
+  def read_many(self, indices):
+    """The shards `indices` as one {key: array}, in that order."""
+    parts = [self.read(i) for i in indices]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 class LatentBatches:
@@ -190,14 +195,10 @@ class LatentBatches:
       self._windows[epoch] = windows
     return self._windows[epoch]
 
-  def _concatenated(self, indices):
-    parts = [self.shards.read(i) for i in indices]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
   def _read(self, indices):
     """A future of the concatenated arrays of shards `indices`, read once and kept while in use."""
     if indices not in self._loaded:
-      self._loaded[indices] = self._reader.submit(self._concatenated, indices)
+      self._loaded[indices] = self._reader.submit(self.shards.read_many, indices)
     return self._loaded[indices]
 
   def _locate(self, position):
