@@ -1,8 +1,8 @@
 """Everything about devices in one place: the mesh, logical-axis rules, sharded state creation, multi-host helpers.
 
 Parameters carry logical axis names (`nn.with_logical_partitioning`); `LOGICAL_AXIS_RULES` maps them to the
-mesh axes ('data', 'fsdp', 'tensor'). A mesh axis that does not divide a dimension is dropped for that
-dimension (the dimension is replicated), so one table serves every model size and device count.
+mesh axes ('data', 'fsdp', 'tensor'). Mesh axes that do not divide a dimension are dropped for it, last first (with
+none left the dimension is replicated), so one table serves every model size and device count.
 """
 
 import math
@@ -17,14 +17,19 @@ import numpy as np
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
+# In priority order: a mesh axis goes to the first dimension whose rule claims it. The tensor-parallel dimensions
+# come first and take fsdp as well, so a kernel never has tensor and fsdp on different dimensions: XLA's SPMD
+# partitioner (jax 0.10) miscomputes x @ w for w sharded (tensor, fsdp) on (contracted, kept) dimensions when
+# data, fsdp and tensor are all > 1 (tests/test_parallel.py keeps the repro); that is the forward pass of an
+# output projection and the backward pass of every other layer.
 LOGICAL_AXIS_RULES = (
     ('batch', BATCH_AXES),
+    ('mlp', ('tensor', 'fsdp')),  # hidden width of feed-forward layers
+    ('heads', ('tensor', 'fsdp')),  # attention heads x head width
+    ('vocab', ('tensor', 'fsdp')),
+    ('conv_out', ('tensor', 'fsdp')),  # output channels of convolution kernels
     ('embed', 'fsdp'),  # model width of dense layers and embeddings
-    ('mlp', 'tensor'),  # hidden width of feed-forward layers
-    ('heads', 'tensor'),  # attention heads x head width
-    ('vocab', 'tensor'),
     ('conv_in', 'fsdp'),  # input channels of convolution kernels
-    ('conv_out', 'tensor'),  # output channels of convolution kernels
     ('norm', None),  # scales and biases
 )
 
@@ -47,19 +52,25 @@ def create_mesh(mesh_config, devices=None):
 
 
 def logical_sharding(logical_axes, shape, mesh, rules=LOGICAL_AXIS_RULES):
-  """NamedSharding of an array with `shape` whose dimensions have the given logical names (None = replicated)."""
-  table = dict(rules)
+  """NamedSharding of an array with `shape` whose dimensions have the given logical names (None = replicated).
+  Where a parameter's tensor and fsdp would still land on different dimensions (a tensor dimension that fsdp does
+  not divide further), fsdp is dropped: see LOGICAL_AXIS_RULES."""
+  names = tuple(logical_axes) + (None,) * (len(shape) - len(logical_axes))
+  spec = [()] * len(shape)
   used = set()
-  spec = []
-  for name, dim in zip(tuple(logical_axes) + (None,) * (len(shape) - len(logical_axes)), shape):
-    axes = table.get(name) if name is not None else None
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-    if dim % math.prod(mesh.shape[a] for a in axes):
-      axes = ()
-    used.update(axes)
-    spec.append(axes[0] if len(axes) == 1 else (axes or None))
-  return NamedSharding(mesh, P(*spec))
+  for rule_name, rule_axes in rules:
+    for i, (name, dim) in enumerate(zip(names, shape)):
+      if name != rule_name:
+        continue
+      axes = (rule_axes,) if isinstance(rule_axes, str) else tuple(rule_axes or ())
+      axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+      while dim % math.prod(mesh.shape[a] for a in axes):
+        axes = axes[:-1]
+      used.update(axes)
+      spec[i] = axes
+  if 'batch' not in names and {'tensor', 'fsdp'} <= used and not any({'tensor', 'fsdp'} <= set(a) for a in spec):
+    spec = [tuple(a for a in axes if a != 'fsdp') for axes in spec]
+  return NamedSharding(mesh, P(*(axes[0] if len(axes) == 1 else (axes or None) for axes in spec)))
 
 
 def tree_shardings(abstract_tree, mesh, rules=LOGICAL_AXIS_RULES):

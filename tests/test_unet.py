@@ -134,7 +134,8 @@ def test_causal_attention_agrees_with_a_masked_softmax():
       np.testing.assert_allclose(attention.chunked_attention(q, k, v, *chunks, causal=True), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize('mesh_shape', [dict(data=4, fsdp=2, tensor=1), dict(data=4, fsdp=1, tensor=2)])
+@pytest.mark.parametrize('mesh_shape', [dict(data=4, fsdp=2, tensor=1), dict(data=4, fsdp=1, tensor=2),
+                                        dict(data=2, fsdp=2, tensor=2)])
 def test_output_and_training_step_equal_on_1_and_8_devices(mesh_shape):
   model = unet_lib.UNet(**SMALL)
   x, t, context = inputs()
@@ -164,4 +165,8 @@ def test_output_and_training_step_equal_on_1_and_8_devices(mesh_shape):
   np.testing.assert_allclose(out8, out1, atol=1e-5)
   assert a8 == pytest.approx(a1, rel=1e-5) and b8 == pytest.approx(b1, rel=1e-4)
   q = s8.params['down_0_0_transformer']['block_0']['attn1']['to_q']['kernel']
-  assert q.sharding.spec == jax.sharding.PartitionSpec(*[a if mesh_shape[a] > 1 else None for a in ('fsdp', 'tensor')])
+  heads = tuple(a for a in ('tensor', 'fsdp') if mesh_shape[a] > 1)  # both on the heads dimension
+  heads = heads if len(heads) > 1 else heads[0]
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, heads)
+  to_out = s8.params['down_0_0_transformer']['block_0']['attn1']['to_out']['kernel']
+  assert to_out.sharding.spec == jax.sharding.PartitionSpec(heads, None)
