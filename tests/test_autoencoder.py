@@ -186,4 +186,4 @@ def test_train_step_sharded_on_8_devices_equals_1_device(kind):
   for a, b in zip(jax.tree.leaves(s8.generator.params), jax.tree.leaves(s1.generator.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=bound)
   kernel = s8.generator.params['autoencoder']['decoder']['up_1_block_0']['conv1']['kernel']
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, 'fsdp', None)
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, 'fsdp')  # on conv_out: parallel.py
