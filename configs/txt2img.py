@@ -52,7 +52,11 @@ def get_config(arg=None):
   if arg.smoke:
     config_lib.shrink_for_smoke(c)
     # The paper's WordPiece tokenizer with the dataset's own word list: one token per word, 19 with [CLS], [SEP].
+    # No transformer layers: in 1200 steps a jointly trained layer copies the colour word into every token,
+    # padding included, and the UNet reads that average, never the position words (swapping them left its loss
+    # unchanged, and 19% of objects at the right place); with token + position embeddings alone each word keeps
+    # its token, and the UNet's cross-attention learns where to look (49%).
     c.ldm.conditioning.update(tokenizer='wordpiece', vocab_file=captioned_shapes.VOCAB_FILE, max_length=24,
-                              depth=2)
+                              depth=0)
     c.sampling.update(guidance_scales=(3.0,), prompts=SMOKE_PROMPTS)
   return c
