@@ -33,16 +33,20 @@ CONFIGS = {
                   batch=64),
     'sd_like': dict(channels=(64, 128, 256, 256), attention=(0, 1, 2), layers=2, heads=8, context=(77, 768),
                     latent=(32, 4), batch=8),
+    # Stable Diffusion 2's UNet at 512 px (MLPerf Training's Stable Diffusion benchmark): heads of 64 channels.
+    'sd2': dict(channels=(320, 640, 1280, 1280), attention=(0, 1, 2), layers=2, head_channels=64,
+                context=(77, 1024), latent=(64, 4), batch=8),
+    'tiny': dict(channels=(32, 64), attention=(0, 1), layers=1, heads=2, context=(8, 32), latent=(8, 4), batch=2),
 }
 
 
-def ours(cfg, dtype):
+def ours(cfg, dtype, attention='auto'):
   """Our UNet: (init(rng) -> params, apply(params, x NHWC, t, context) -> eps)."""
   c0 = cfg['channels'][0]
   model = unet_lib.UNet(model_channels=c0, out_channels=cfg['latent'][1],
                         channel_mult=tuple(c // c0 for c in cfg['channels']), num_res_blocks=cfg['layers'],
-                        attention_resolutions=tuple(2**l for l in cfg['attention']), num_heads=cfg['heads'],
-                        dtype=jnp.dtype(dtype))
+                        attention_resolutions=tuple(2**l for l in cfg['attention']), num_heads=cfg.get('heads', 8),
+                        num_head_channels=cfg.get('head_channels', -1), attention=attention, dtype=jnp.dtype(dtype))
   size, channels = cfg['latent']
   x = jnp.zeros((1, size, size, channels))
   init = lambda rng: model.init(rng, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,) + cfg['context']))['params']
@@ -58,11 +62,19 @@ def diffusers_flax(cfg, dtype):
   size, channels = cfg['latent']
   model = FlaxUNet2DConditionModel(
       sample_size=size, in_channels=channels, out_channels=channels, down_block_types=down, up_block_types=up,
-      block_out_channels=cfg['channels'], layers_per_block=cfg['layers'], attention_head_dim=cfg['heads'],
+      block_out_channels=cfg['channels'], layers_per_block=cfg['layers'],
+      attention_head_dim=_diffusers_heads(cfg),
       cross_attention_dim=cfg['context'][1], dtype=jnp.dtype(dtype))
   init = lambda rng: model.init_weights(rng)
   apply = lambda params, x, t, context: model.apply({'params': params}, x, t, context).sample
   return init, apply, 'nchw'
+
+
+def _diffusers_heads(cfg):
+  """diffusers' `attention_head_dim`, read by its UNets as the number of heads (per level when a tuple)."""
+  if 'head_channels' in cfg:
+    return tuple(c // cfg['head_channels'] for c in cfg['channels'])
+  return cfg['heads']
 
 
 def train_step_fn(apply):
@@ -88,7 +100,8 @@ def batch_for(cfg, layout, seed=0):
           'context': jnp.asarray(rng.normal(size=(cfg['batch'],) + cfg['context']), jnp.float32)}
 
 
-def time_jax(cfg, dtype, implementation, steps, repeats):
+def time_jax(cfg, dtype, implementation, steps, repeats, with_cost=False):
+  """(images/s, analytic FLOPs per image, parameter count[, XLA's cost analysis of the step])."""
   init, apply, layout = implementation(cfg, dtype)
   params = init(jax.random.PRNGKey(0))
   tx, step = train_step_fn(apply)
@@ -96,6 +109,7 @@ def time_jax(cfg, dtype, implementation, steps, repeats):
   batch = batch_for(cfg, layout)
   step_flops = flops.count(step, params, opt_state, batch)
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
+  cost = compiled.cost_analysis()
   params, opt_state, loss = compiled(params, opt_state, batch)  # warm-up
   rates = []
   for _ in range(repeats):
@@ -105,6 +119,8 @@ def time_jax(cfg, dtype, implementation, steps, repeats):
     loss.block_until_ready()
     rates.append(steps * cfg['batch'] / (time.perf_counter() - start))
   count = sum(x.size for x in jax.tree.leaves(params))
+  if with_cost:
+    return statistics.median(rates), step_flops / cfg['batch'], count, cost
   return statistics.median(rates), step_flops / cfg['batch'], count
 
 
@@ -119,7 +135,8 @@ def time_torch(cfg, dtype, steps, repeats):
                              for l in range(levels)),
       up_block_types=tuple('CrossAttnUpBlock2D' if l in cfg['attention'] else 'UpBlock2D'
                            for l in reversed(range(levels))),
-      layers_per_block=cfg['layers'], attention_head_dim=cfg['heads'], cross_attention_dim=cfg['context'][1])
+      layers_per_block=cfg['layers'], attention_head_dim=_diffusers_heads(cfg),
+      cross_attention_dim=cfg['context'][1])
   model = model.to(getattr(torch, dtype)).train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
   batch = {k: torch.from_numpy(np.asarray(v)) for k, v in batch_for(cfg, 'nchw').items()}

@@ -1,5 +1,6 @@
 """Analytic FLOPs of a JAX function, counted from its jaxpr (2 x multiply-adds of every matmul and convolution),
-and the peak FLOP/s of known accelerators, for throughput and MFU (model FLOPs utilisation) reports.
+and the peak FLOP/s and memory bandwidth of known accelerators, for throughput, MFU (model FLOPs utilisation) and
+roofline reports.
 
 Counting the program's own matmuls keeps the number exact for any config: a train step is counted as the
 forward and backward pass that `jax.value_and_grad` traces, before XLA's optimisations. Rematerialised blocks
@@ -12,16 +13,34 @@ import time
 import jax
 import jax.extend
 
+from latent_diffusion.models import attention
+
 # Dense bf16 peak FLOP/s per device (vendor figures), matched against `jax.Device.device_kind`.
 PEAK_FLOPS = (('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5p', 459e12),
               ('TPU v5', 459e12), ('TPU v6 lite', 918e12), ('TPU v6e', 918e12), ('A100', 312e12),
               ('H100', 989e12), ('H200', 989e12))
 
 
+# Memory (HBM) bandwidth per device in bytes/s (vendor figures: Cloud TPU system architecture pages; NVIDIA's A100
+# 80GB SXM, H100 SXM and H200 data sheets), for roofline bounds.
+MEMORY_BANDWIDTH = (('TPU v4', 1.2e12), ('TPU v5 lite', 8.19e11), ('TPU v5e', 8.19e11), ('TPU v5p', 2.765e12),
+                    ('TPU v5', 2.765e12), ('TPU v6 lite', 1.64e12), ('TPU v6e', 1.64e12), ('A100', 2.039e12),
+                    ('H100', 3.35e12), ('H200', 4.8e12))
+
+
+def _lookup(table, device):
+  kind = (device or jax.devices()[0]).device_kind
+  return next((value for name, value in table if name.lower() in kind.lower()), None)
+
+
 def peak_flops(device=None):
   """Peak FLOP/s of one device, or None for an unknown kind (a CPU)."""
-  kind = (device or jax.devices()[0]).device_kind
-  return next((peak for name, peak in PEAK_FLOPS if name.lower() in kind.lower()), None)
+  return _lookup(PEAK_FLOPS, device)
+
+
+def memory_bandwidth(device=None):
+  """HBM bytes/s of one device, or None for an unknown kind (a CPU)."""
+  return _lookup(MEMORY_BANDWIDTH, device)
 
 
 def _equation_flops(eqn):
@@ -49,8 +68,12 @@ def _jaxpr_flops(jaxpr):
 
 
 def count(fn, *args, **kwargs):
-  """FLOPs of one call of `fn(*args, **kwargs)` (arrays or ShapeDtypeStructs): matmuls and convolutions."""
-  return _jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
+  """FLOPs of one call of `fn(*args, **kwargs)` (arrays or ShapeDtypeStructs): matmuls and convolutions, with
+  attention counted as its matmuls whichever kernel runs it (a Pallas kernel's jaxpr is one block's)."""
+  if hasattr(fn, 'lower') and hasattr(fn, '__wrapped__'):  # jitted: its trace cache would not see analytic()
+    fn = fn.__wrapped__
+  with attention.analytic():
+    return _jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
 
 
 class Throughput:

@@ -10,6 +10,7 @@ import math
 from absl import logging
 import flax.linen as nn
 import jax
+from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import numpy as np
@@ -48,6 +49,13 @@ def create_mesh(mesh_config, devices=None):
   if math.prod(sizes) != len(devices):
     raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but '
                      f'{len(devices)} are present; set one mesh size to -1 to fill the devices.')
+  num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if num_slices > 1:  # multi-slice: the data axis spans the slices (data-center network), the rest stays inside
+    if sizes[0] % num_slices:
+      raise ValueError(f'config.mesh.data={sizes[0]} must be a multiple of the {num_slices} slices.')
+    grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // num_slices,) + tuple(sizes[1:]),
+                                                (num_slices, 1, 1), devices)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
@@ -79,6 +87,22 @@ def tree_shardings(abstract_tree, mesh, rules=LOGICAL_AXIS_RULES):
   shapes = nn.meta.unbox(abstract_tree)
   return jax.tree.map(lambda spec, x: logical_sharding(spec, x.shape, mesh, rules), specs, shapes,
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def abstract_sharded(init_fn, mesh, *args):
+  """Shapes of `init_fn(*args)` as ShapeDtypeStructs in their shardings, and the shardings: a state to lower a
+  step with, without computing it (`plan.py`). Traced for the mesh's devices, as the step will be."""
+  with jax.set_mesh(mesh):
+    abstract = jax.eval_shape(init_fn, *args)
+  return abstract_structs(abstract, mesh)
+
+
+def abstract_structs(abstract_tree, mesh):
+  """A (possibly boxed) tree of shapes -> (unboxed ShapeDtypeStructs in their shardings, the shardings)."""
+  shardings = tree_shardings(abstract_tree, mesh)
+  structs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         nn.meta.unbox(abstract_tree), shardings)
+  return structs, shardings
 
 
 def create_sharded(init_fn, mesh, *args):

@@ -2,6 +2,10 @@
 
 import importlib
 
+import jax
+
+from latent_diffusion import parallel
+
 STAGES = ('autoencoder', 'latents', 'ldm', 'sample', 'eval')
 # name -> module with `is_done(config, workdir)` and `run(config, workdir)`, imported when used.
 _MODULES = {'autoencoder': 'latent_diffusion.training.autoencoder',
@@ -14,11 +18,12 @@ def run(stage, config, workdir):
   if stage != 'all' and stage not in STAGES:
     raise ValueError(f"Unknown stage '{stage}'; choose 'all' or one of {STAGES}.")
   report = {}
-  for name in STAGES if stage == 'all' else (stage,):
-    module = importlib.import_module(_MODULES[name])
-    if stage == 'all' and module.is_done(config, workdir):
-      report[name] = 'already done'
-      continue
-    module.run(config, workdir)
-    report[name] = 'ran'
+  with jax.set_mesh(parallel.create_mesh(config.mesh)):  # kernel choices read the mesh's devices
+    for name in STAGES if stage == 'all' else (stage,):
+      module = importlib.import_module(_MODULES[name])
+      if stage == 'all' and module.is_done(config, workdir):
+        report[name] = 'already done'
+        continue
+      module.run(config, workdir)
+      report[name] = 'ran'
   return report

@@ -11,11 +11,16 @@
 #   WORKDIR       gs://bucket/path that every worker can write (required)
 #   REPO          git URL of this repository (or your fork) to install on the workers (required)
 #   ACCELERATOR   slice type (default v4-8)
-#   RUNTIME       TPU VM software version (default tpu-ubuntu2204-base)
+#   RUNTIME       TPU VM software version (default: the Cloud TPU docs' image for the generation:
+#                 tpu-ubuntu2204-base for v4 and older, v2-alpha-tpuv5-lite for v5e, v2-alpha-tpuv5 for v5p,
+#                 v2-alpha-tpuv6e for v6e)
+#   PYTHON        Python (>= 3.11) for the workers' virtualenv (default python3.11: the images' Ubuntu 22.04
+#                 python3 is 3.10, so it is installed from the deadsnakes PPA when missing)
 #   CONFIG        config file and arguments (default configs/txt2img.py)
 #   SPOT          1 to create a spot (preemptible) slice (default 0)
 #   MAX_RESTARTS  restarts after a preemption or failure before giving up (default 20)
 #   PROJECT       GCP project (default: gcloud's configured project)
+#   DRY_RUN       1 to print every command it would run (for a slice that does not exist yet) and stop
 set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME, the TPU VM name}"
@@ -23,7 +28,15 @@ set -euo pipefail
 : "${WORKDIR:?set WORKDIR, a gs://bucket/path}"
 : "${REPO:?set REPO, the git URL of this repository}"
 ACCELERATOR="${ACCELERATOR:-v4-8}"
-RUNTIME="${RUNTIME:-tpu-ubuntu2204-base}"
+case "$ACCELERATOR" in
+  v5litepod-* | v5e-*) default_runtime=v2-alpha-tpuv5-lite ;;
+  v5p-*) default_runtime=v2-alpha-tpuv5 ;;
+  v6e-*) default_runtime=v2-alpha-tpuv6e ;;
+  *) default_runtime=tpu-ubuntu2204-base ;;
+esac
+RUNTIME="${RUNTIME:-$default_runtime}"
+PYTHON="${PYTHON:-python3.11}"
+DRY_RUN="${DRY_RUN:-0}"
 CONFIG="${CONFIG:-configs/txt2img.py}"
 SPOT="${SPOT:-0}"
 MAX_RESTARTS="${MAX_RESTARTS:-20}"
@@ -31,11 +44,25 @@ if [[ "$WORKDIR" != gs://* ]]; then
   echo "launch/tpu_pod.sh: WORKDIR must be gs://... (every worker writes it), got '$WORKDIR'" >&2
   exit 2
 fi
-if ! [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || ! [[ "$SPOT" =~ ^[01]$ ]]; then
-  echo "launch/tpu_pod.sh: MAX_RESTARTS must be a number and SPOT 0 or 1" >&2
+if ! [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || ! [[ "$SPOT" =~ ^[01]$ ]] || ! [[ "$DRY_RUN" =~ ^[01]$ ]]; then
+  echo "launch/tpu_pod.sh: MAX_RESTARTS must be a number, SPOT and DRY_RUN 0 or 1" >&2
   exit 2
 fi
-command -v gcloud >/dev/null || { echo "launch/tpu_pod.sh: gcloud not found (install the Google Cloud CLI)" >&2; exit 2; }
+if [[ "$DRY_RUN" == 0 ]]; then
+  command -v gcloud >/dev/null || { echo "launch/tpu_pod.sh: gcloud not found (install the Google Cloud CLI)" >&2
+                                    exit 2; }
+fi
+
+# Runs a command, or with DRY_RUN=1 prints it, quoted as a shell would read it.
+run_or_print() {
+  if [[ "$DRY_RUN" == 1 ]]; then
+    printf '+'
+    printf ' %q' "$@"
+    printf '\n'
+  else
+    "$@"
+  fi
+}
 
 gcloud_tpu=(gcloud compute tpus tpu-vm)
 where=(--zone="$ZONE")
@@ -44,6 +71,10 @@ if [[ -n "${PROJECT:-}" ]]; then
 fi
 
 state() {
+  if [[ "$DRY_RUN" == 1 ]]; then
+    echo ABSENT
+    return
+  fi
   "${gcloud_tpu[@]}" describe "$TPU_NAME" "${where[@]}" --format='value(state)' 2>/dev/null || echo ABSENT
 }
 
@@ -53,11 +84,15 @@ create_and_install() {
     spot=(--spot)
   fi
   echo "Creating $TPU_NAME ($ACCELERATOR, $RUNTIME) in $ZONE"
-  "${gcloud_tpu[@]}" create "$TPU_NAME" "${where[@]}" --accelerator-type="$ACCELERATOR" --version="$RUNTIME" \
-    "${spot[@]}"
-  "${gcloud_tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command="set -e
+  run_or_print "${gcloud_tpu[@]}" create "$TPU_NAME" "${where[@]}" --accelerator-type="$ACCELERATOR" \
+    --version="$RUNTIME" "${spot[@]}"
+  run_or_print "${gcloud_tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command="set -e
+    if ! command -v $PYTHON >/dev/null; then
+      sudo apt-get update -q && sudo apt-get install -yq software-properties-common
+      sudo add-apt-repository -y ppa:deadsnakes/ppa && sudo apt-get install -yq $PYTHON $PYTHON-venv
+    fi
     rm -rf ~/latent_diffusion && git clone -q '$REPO' ~/latent_diffusion && cd ~/latent_diffusion
-    python3 -m venv .venv && . .venv/bin/activate && pip install -q -e . && pip install -q -U 'jax[tpu]==0.10.2'"
+    $PYTHON -m venv .venv && . .venv/bin/activate && pip install -q -e '.[tpu]'"
 }
 
 # Quote the pipeline arguments once, for the remote shell.
@@ -79,7 +114,11 @@ for ((attempt = 0; attempt <= MAX_RESTARTS; attempt++)); do
     *) echo "Waiting for $TPU_NAME (state $(state))"; sleep 60; continue ;;
   esac
   echo "Run $attempt: $run"
-  if "${gcloud_tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command="$run"; then
+  if run_or_print "${gcloud_tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command="$run"; then
+    if [[ "$DRY_RUN" == 1 ]]; then
+      echo "Dry run: nothing was run."
+      exit 0
+    fi
     echo "All stages done; results in $WORKDIR"
     exit 0
   fi

@@ -7,6 +7,7 @@ import pathlib
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # TPU compiles in parallel workers (compile-only)
 
 import pytest  # pylint: disable=g-import-not-at-top
 

@@ -29,15 +29,17 @@ def test_box_masks_are_fixed_by_example_and_cover_a_quarter_to_three_quarters_of
   assert 0.15 < masks.mean() < 0.35
 
 
-def test_condition_scales_the_masked_latent_and_guidance_tiles_it():
-  stored = {'masked_latent': np.ones((2, 4, 4, 3), np.float32), 'inpaint_mask': np.zeros((2, 4, 4, 1), np.float32)}
+def test_condition_scales_the_masked_latent_and_guidance_repeats_it():
+  latent = np.stack([np.ones((4, 4, 3)), 2 * np.ones((4, 4, 3))]).astype(np.float32)
+  stored = {'masked_latent': latent, 'inpaint_mask': np.zeros((2, 4, 4, 1), np.float32)}
   condition = concat.condition(stored, 'inpainting', 0.5)
-  np.testing.assert_array_equal(condition[..., :3], 0.5)
+  np.testing.assert_array_equal(condition[..., :3], 0.5 * latent)
   seen = []
   fn = concat.with_concat(lambda x, t, c: seen.append(x) or x[..., :3], condition)
-  fn(jnp.zeros((4, 4, 4, 3)), None, None)  # a guided batch: unconditional + conditional halves
+  fn(jnp.zeros((4, 4, 4, 3)), None, None)  # a guided batch: each example's unconditional and conditional rows
   assert seen[0].shape == (4, 4, 4, 7)
-  np.testing.assert_array_equal(seen[0][2:, ..., 3:], condition)
+  for row, example in enumerate((0, 0, 1, 1)):
+    np.testing.assert_array_equal(seen[0][row, ..., 3:], condition[example])
   with pytest.raises(ValueError, match="concat='upscale' is not one of"):
     concat.num_channels('upscale', 3)
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from latent_diffusion import flops
+from latent_diffusion.models import attention
 from latent_diffusion.models import unet as unet_lib
 
 
@@ -45,3 +46,13 @@ def test_unet_train_step_is_about_three_forward_passes_and_near_xla_s_count():
                                        ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H200', 989e12), ('cpu', None)])
 def test_peak_flops_by_device_kind(kind, peak):
   assert flops.peak_flops(types.SimpleNamespace(device_kind=kind)) == peak
+
+
+def test_attention_counts_as_its_matmuls_whichever_kernel_runs():
+  q = jnp.zeros((2, 256, 4, 32))
+  expected = 2 * (2 * 2 * 4 * 256 * 256 * 32)  # q k^T and weights v
+  for implementation in ('reference', 'xla', 'chunked', 'pallas_tpu', 'splash_tpu'):
+    assert flops.count(lambda q: attention.attention(q, q, q, implementation), q) == expected
+  jitted = jax.jit(lambda q: attention.attention(q, q, q, 'auto'))
+  jitted(q)  # traced once outside analytic(): the count must not reuse that trace
+  assert flops.count(jitted, q) == expected

@@ -70,7 +70,7 @@ def test_each_image_depends_on_its_own_seed_and_prompt_only_and_scales_share_one
   requests = generate.requests_from_config(config.sampling, 'text')
   images = generator(params, 0.3, requests)
   assert images.dtype == np.uint8 and images.shape == (12, 32, 32, 3)
-  assert generator._generate._cache_size() == 1  # two guidance scales, one compiled program
+  assert generator.jitted._cache_size() == 1  # two guidance scales, one compiled program
 
   # One image drawn alone (in a batch padded with copies of it) equals the same request drawn among others.
   alone = generate.Requests([PROMPTS[1]], np.array([6], np.int32), np.array([4.0], np.float32))

@@ -201,6 +201,37 @@ def test_launch_scripts_pass_bash_n_and_shellcheck():
     assert result.returncode == 0, result.stdout
 
 
+@pytest.mark.parametrize('accelerator, runtime', [('v4-32', 'tpu-ubuntu2204-base'),
+                                                  ('v5litepod-64', 'v2-alpha-tpuv5-lite'),
+                                                  ('v5p-128', 'v2-alpha-tpuv5'), ('v6e-64', 'v2-alpha-tpuv6e')])
+def test_tpu_pod_dry_run_prints_what_it_would_run(accelerator, runtime):
+  env = dict(os.environ, DRY_RUN='1', TPU_NAME='ldm', ZONE='us-east5-a', WORKDIR='gs://bucket/ldm',
+             REPO='https://example.com/ldm.git', ACCELERATOR=accelerator, PATH='/usr/bin:/bin')  # no gcloud
+  result = subprocess.run(['bash', 'launch/tpu_pod.sh', '--config.ldm.batch_size=512', "--config.seed=it's"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  commands = [line for line in result.stdout.splitlines() if line.startswith('+ ')]
+  create, install, run = commands
+  assert create.startswith('+ gcloud compute tpus tpu-vm create ldm --zone=us-east5-a')
+  assert f'--accelerator-type={accelerator}' in create and f'--version={runtime}' in create
+  # The images' python3 is 3.10: the install brings python3.11 before the virtualenv, then the TPU extra.
+  assert 'ppa:deadsnakes/ppa' in install and 'python3.11 -m venv .venv' in install
+  assert ".[tpu]" in install and install.index('deadsnakes') < install.index('venv')
+  assert '--worker=all' in run and 'latent_diffusion.main\ --distributed' in run
+  assert '--config.ldm.batch_size=512' in run and 'gs://bucket/ldm' in run
+
+
+def test_gpu_slurm_dry_run_prints_the_task_command():
+  env = dict(os.environ, DRY_RUN='1', WORKDIR='/shared/ldm', CONFIG='configs/class_cond.py', SLURM_SUBMIT_DIR='/x')
+  result = subprocess.run(['bash', 'launch/gpu_slurm.sbatch', '--config.ldm.batch_size=64'], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == [
+      '+ . /x/.venv/bin/activate', '+ cd /x',
+      '+ srun --kill-on-bad-exit=1 python -m latent_diffusion.main --distributed '
+      '--config=configs/class_cond.py --workdir=/shared/ldm --config.ldm.batch_size=64']
+
+
 @pytest.mark.parametrize('name, value', [('NUM_PROCESSES', '0'), ('DEVICES', 'x')])
 def test_local_launch_validates_its_variables(name, value):
   result = subprocess.run(['bash', 'launch/local.sh', '--config=configs/txt2img.py:smoke', '--workdir=/tmp/x'],

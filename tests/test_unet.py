@@ -104,7 +104,7 @@ def test_attention_implementations_agree():
   for lq, lk in ((6, 9), (64, 77), (130, 130)):
     q, k, v = (jnp.asarray(rng.normal(size=(2, n, 4, 8)), jnp.float32) for n in (lq, lk, lk))
     expected = np.asarray(attention.attention(q, k, v, implementation='reference'))
-    on_cpu = [i for i in attention.IMPLEMENTATIONS if i != 'pallas_tpu']
+    on_cpu = ('auto', 'xla', 'reference', 'chunked')
     for implementation in on_cpu:
       np.testing.assert_allclose(attention.attention(q, k, v, implementation=implementation), expected, atol=1e-5)
     for chunks in ((4, 5), (16, 16), (lq, lk)):  # chunk sizes that do and do not divide the lengths
@@ -113,8 +113,9 @@ def test_attention_implementations_agree():
               for i in ('chunked', 'reference')]
     assert halves[0].dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(halves[0], np.float32), np.asarray(halves[1], np.float32), atol=2e-2)
-  with pytest.raises(ValueError, match="'pallas_tpu' runs on TPUs only"):
-    attention.attention(q, k, v, implementation='pallas_tpu')
+  for kernel in attention.TPU_KERNELS:
+    with pytest.raises(ValueError, match=f"'{kernel}' runs on TPUs only"):
+      attention.attention(q, k, v, implementation=kernel)
   with pytest.raises(ValueError, match="Unknown attention implementation 'flash'"):
     attention.attention(q, k, v, implementation='flash')
 

@@ -70,10 +70,11 @@ def condition(arrays, concat, scale_factor, *, size=0, segmentation_classes=0):
 
 
 def with_concat(model_fn, condition):
-  """Wraps `model_fn(x, t, context)` to concatenate `condition` to x (tiled when guidance doubles the batch)."""
+  """Wraps `model_fn(x, t, context)` to concatenate `condition` to x (each row repeated when guidance doubles the
+  batch: `sampling.guided` interleaves an example's two rows)."""
   if condition is None:
     return model_fn
   def fn(x, t, context):
-    tiled = jnp.tile(condition, (x.shape[0] // condition.shape[0], 1, 1, 1))
-    return model_fn(jnp.concatenate([x, tiled], axis=-1), t, context)
+    repeated = jnp.repeat(condition, x.shape[0] // condition.shape[0], axis=0)
+    return model_fn(jnp.concatenate([x, repeated], axis=-1), t, context)
   return fn

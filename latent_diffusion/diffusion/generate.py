@@ -98,8 +98,9 @@ class Generator:
       return jnp.clip(decoder(decoder_params, z / scale_factor), -1.0, 1.0)
 
     batch = parallel.batch_sharding(mesh)
-    self._generate = jax.jit(generate, in_shardings=(None, None, batch, batch, parallel.replicated(mesh)),
-                             out_shardings=batch)
+    # (params, decoder params, inputs, seeds, guidance scale) -> images: the whole loop, one program.
+    self.jitted = jax.jit(generate, in_shardings=(None, None, batch, batch, parallel.replicated(mesh)),
+                          out_shardings=batch)
 
   def __call__(self, params, decoder_params, requests):
     """uint8 images [N, H, W, 3] in the order of `requests`, on every host."""
@@ -134,8 +135,8 @@ class Generator:
     batch = input_pipeline.to_global(local, self.mesh)
     seeds = batch.pop('seeds')
     if self.flops_per_image is None:
-      self.flops_per_image = flops.count(self._generate, params, decoder_params, batch, seeds,
+      self.flops_per_image = flops.count(self.jitted, params, decoder_params, batch, seeds,
                                          jnp.float32(scale)) / self.batch_size
-    out = self._generate(params, decoder_params, batch, seeds, jnp.float32(scale))
+    out = self.jitted(params, decoder_params, batch, seeds, jnp.float32(scale))
     pixels = parallel.to_host(out)[:n]
     return np.round((pixels + 1) * 127.5).astype(np.uint8)

@@ -22,13 +22,20 @@ def as_eps_fn(model_fn, parameterization, schedule):
   return lambda x, t, context: convert(x, model_fn(x, t, context), schedule.alphas_cumprod[t])
 
 
+def interleave(a, b):
+  """[B, ...] and [B, ...] -> [2B, ...] ordered a_0, b_0, a_1, b_1, ...: row pairs stay in their batch shard."""
+  return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
+
+
 def guided(eps_fn, guidance_scale, uncond_context, guidance_rescale=0.0):
   """Classifier-free guidance: the conditional and unconditional contexts run as one doubled batch, and
   eps = eps_u + s (eps_c - eps_u). `guidance_rescale` > 0 rescales eps towards the std of eps_c (Lin et al. 2023).
-  A negative prompt is simply its context passed as `uncond_context`."""
+  A negative prompt is simply its context passed as `uncond_context`. The doubled batch interleaves each
+  example's two rows, so a batch-sharded x stays on its devices (concatenating halves would gather the batch)."""
   def fn(x, t, context):
-    both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond_context, context)
-    eps_u, eps_c = jnp.split(eps_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both), 2)
+    both = jax.tree.map(interleave, uncond_context, context)
+    eps = eps_fn(interleave(x, x), interleave(t, t), both).reshape((x.shape[0], 2) + x.shape[1:])
+    eps_u, eps_c = eps[:, 0], eps[:, 1]
     eps = eps_u + guidance_scale * (eps_c - eps_u)
     if guidance_rescale:
       axes = tuple(range(1, x.ndim))

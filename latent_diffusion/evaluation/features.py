@@ -26,9 +26,7 @@ class Extractor:
   def __init__(self, variables, mesh, mode='pytorch_fid'):
     self.mesh = mesh
     self.variables = jax.device_put(variables, parallel.replicated(mesh))
-    model = inception.FIDInceptionV3(inception_weights.num_classes(variables))
-    self._apply = jax.jit(lambda v, x: model.apply(v, inception.preprocess(x, mode)),
-                          out_shardings=parallel.batch_sharding(mesh))
+    self._apply = make_apply(inception.FIDInceptionV3(inception_weights.num_classes(variables)), mesh, mode)
 
   def __call__(self, local_batches):
     outputs = []
@@ -40,6 +38,11 @@ class Extractor:
     if not outputs:
       raise ValueError('No images to compute Inception features of.')
     return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+
+
+def make_apply(model, mesh, mode):
+  """The jitted (variables, uint8 images) -> features, batch-sharded over the mesh."""
+  return jax.jit(lambda v, x: model.apply(v, inception.preprocess(x, mode)), out_shardings=parallel.batch_sharding(mesh))
 
 
 def array_batches(images, global_batch_size, load=None):

@@ -1,45 +1,106 @@
 """Attention in one place: every model calls `attention`, so kernels change here only.
 
 `implementation`:
-  'xla'        `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs where it applies, XLA elsewhere);
+  'xla'        `jax.nn.dot_product_attention`, XLA's own fused attention;
   'reference'  the explicit softmax(q k^T / sqrt(d)) v with a float32 softmax, heads folded into the batch;
   'chunked'    queries in chunks and keys in chunks with an online (running max) softmax, so memory grows with
                the chunk sizes instead of Lq x Lk (Rabe & Staats 2021) - the fallback for long sequences;
-  'pallas_tpu' the Pallas TPU flash-attention kernel (TPU only);
-  'auto'       'pallas_tpu' on TPU when the sequence lengths suit its blocks, 'reference' on CPU (fastest
-               there: benchmarks/unet_train_step.py), else 'xla'.
+  'pallas_tpu' the Pallas TPU flash-attention kernel; 'splash_tpu' the Pallas TPU splash kernel. Both run inside
+               `shard_map` over the mesh in context (batch over its batch axes, heads over 'tensor'), since a
+               Mosaic kernel cannot be partitioned automatically; lengths are padded to the kernel's 128-token
+               blocks, padded keys masked out (segment ids);
+  'cudnn'      cuDNN's fused flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs, bf16/fp16);
+  'auto'       by the platform the program is compiled for (the devices of the mesh set with `jax.set_mesh`, so a
+               CPU host compiling for a TPU slice chooses TPU kernels; without a mesh, the default backend):
+               'reference' on CPU (fastest there: benchmarks/unet_train_step.py), on TPU 'pallas_tpu' when both
+               lengths are multiples of 128 (else 'xla'), on GPU 'cudnn' where it applies (else 'xla').
 """
 
+import contextlib
+import contextvars
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ('auto', 'xla', 'reference', 'chunked', 'pallas_tpu')
+from latent_diffusion import parallel
+
+IMPLEMENTATIONS = ('auto', 'xla', 'reference', 'chunked', 'pallas_tpu', 'splash_tpu', 'cudnn')
+TPU_KERNELS = ('pallas_tpu', 'splash_tpu')
 CHUNK = 512  # query and key chunk of 'chunked'
-_PALLAS_BLOCK = 128
+BLOCK = 128  # the TPU kernels' smallest block: lengths are padded to a multiple of it
+_ANALYTIC = contextvars.ContextVar('analytic_attention', default=False)
 
 
 def attention(q, k, v, implementation='auto', causal=False):
   """q [B, Lq, H, D], k and v [B, Lk, H, D] -> [B, Lq, H, D], scale 1/sqrt(D); `causal`: query i sees keys <= i
   (the CLIP text encoder)."""
-  if implementation == 'auto':
-    implementation = _automatic(q, k)
+  if _ANALYTIC.get():
+    implementation = 'reference'
+  elif implementation == 'auto':
+    implementation = choose(q, k)
   if implementation == 'xla':
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+  if implementation == 'cudnn':
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation='cudnn')
   if implementation == 'reference':
     return _reference(q, k, v, causal)
   if implementation == 'chunked':
     return chunked_attention(q, k, v, causal=causal)
-  if implementation == 'pallas_tpu':
-    return _pallas_tpu(q, k, v, causal)
+  if implementation in TPU_KERNELS:
+    if platform() != 'tpu':
+      raise ValueError(f"Attention implementation '{implementation}' runs on TPUs only; use 'auto' or 'xla' here.")
+    kernel = _flash if implementation == 'pallas_tpu' else _splash
+    return on_shards(functools.partial(kernel, causal=causal), q, k, v)
   raise ValueError(f"Unknown attention implementation '{implementation}'; choose one of {IMPLEMENTATIONS}.")
 
 
-def _automatic(q, k):
-  if jax.default_backend() == 'cpu':  # XLA:CPU runs dot_product_attention ~2.5x slower than 'reference' at 1k tokens
+@contextlib.contextmanager
+def analytic():
+  """Traces every attention as its plain matmuls, whatever kernel would run: flops.py counts model FLOPs so."""
+  token = _ANALYTIC.set(True)
+  try:
+    yield
+  finally:
+    _ANALYTIC.reset(token)
+
+
+def platform():
+  """'cpu', 'gpu' or 'tpu': the platform of the mesh in context (`jax.set_mesh`), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def choose(q, k):
+  """What 'auto' runs for these shapes on this platform."""
+  target = platform()
+  if target == 'cpu':  # XLA:CPU runs dot_product_attention ~2.5x slower than 'reference' at 1k tokens
     return 'reference'
-  return 'pallas_tpu' if _pallas_applies(q, k) else 'xla'
+  if target == 'tpu':
+    sharded = not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1
+    suits = q.shape[1] % BLOCK == 0 and k.shape[1] % BLOCK == 0
+    return 'pallas_tpu' if sharded and suits else 'xla'
+  if target == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0:
+    return 'cudnn'
+  return 'xla'
+
+
+def on_shards(kernel, q, k, v):
+  """`kernel(q, k, v)` on each device's shard: batch split over the mesh's batch axes that divide it, heads over
+  'tensor' when it divides them; replicated over the other axes. Without a mesh in context, called directly."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return kernel(q, k, v)
+  batch_axes = [a for a in parallel.BATCH_AXES if mesh.shape.get(a, 1) > 1]
+  while q.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
+    batch_axes.pop()
+  tensor = mesh.shape.get('tensor', 1)
+  heads = 'tensor' if tensor > 1 and q.shape[2] % tensor == 0 else None
+  spec = jax.sharding.PartitionSpec(tuple(batch_axes) or None, None, heads, None)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
 
 
 def _reference(q, k, v, causal):
@@ -104,19 +165,56 @@ def chunked_attention(q, k, v, query_chunk=CHUNK, key_chunk=CHUNK, causal=False)
   return out.swapaxes(0, 1).reshape(b, lq_padded, h, d)[:, :lq].astype(q.dtype)
 
 
-def _pallas_applies(q, k):
-  return jax.default_backend() == 'tpu' and q.shape[1] % _PALLAS_BLOCK == 0 and k.shape[1] % _PALLAS_BLOCK == 0
+def block_size(length, largest=512):
+  """The largest of 512, 256, 128 that divides a (padded) length: bigger blocks, fewer grid steps."""
+  return next(b for b in (largest, 256, BLOCK) if length % b == 0)
 
 
-@functools.lru_cache(maxsize=None)
-def _pallas_kernel():
-  from jax.experimental.pallas.ops.tpu import flash_attention  # pylint: disable=g-import-not-at-top
-  return flash_attention.flash_attention
+def _padded(q, k, v):
+  """q, k, v [B, H, L, D] with both lengths padded to a multiple of BLOCK, and the kv mask (1 real, 0 padding)
+  when keys were padded."""
+  lq, lk = q.shape[2], k.shape[2]
+  pad = lambda a, n: jnp.pad(a, ((0, 0), (0, 0), (0, n), (0, 0))) if n else a
+  q, k, v = pad(q, -lq % BLOCK), pad(k, -lk % BLOCK), pad(v, -lk % BLOCK)
+  kv_mask = None
+  if lk % BLOCK:
+    kv_mask = jnp.broadcast_to((jnp.arange(k.shape[2]) < lk).astype(jnp.int32), (q.shape[0], k.shape[2]))
+  return q, k, v, kv_mask
 
 
-def _pallas_tpu(q, k, v, causal):
-  if jax.default_backend() != 'tpu':
-    raise ValueError("Attention implementation 'pallas_tpu' runs on TPUs only; use 'auto' or 'xla' here.")
-  out = _pallas_kernel()(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), causal=causal,
-                         sm_scale=q.shape[-1] ** -0.5)
-  return out.swapaxes(1, 2)
+def _flash(q, k, v, causal):
+  """The Pallas flash-attention kernel on one shard, [B, L, H, D] in and out."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as flash  # pylint: disable=g-import-not-at-top
+  lq = q.shape[1]
+  q, k, v, kv_mask = _padded(*(a.swapaxes(1, 2) for a in (q, k, v)))
+  segment_ids = None
+  if kv_mask is not None:
+    segment_ids = flash.SegmentIds(q=jnp.ones(q.shape[:1] + q.shape[2:3], jnp.int32), kv=kv_mask)
+  bq, bk = block_size(q.shape[2]), block_size(k.shape[2])
+  blocks = flash.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1, block_q_major_dkv=bq,
+                            block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq, block_k_major_dq=bk,
+                            block_k_dq=bk, block_q_dq=bq)
+  out = flash.flash_attention(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=q.shape[-1] ** -0.5,
+                              block_sizes=blocks)
+  return out[:, :, :lq].swapaxes(1, 2)
+
+
+def _splash(q, k, v, causal, interpret=False):
+  """The Pallas splash-attention kernel on one shard, [B, L, H, D] in and out (`interpret`: on the CPU)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  lq, heads = q.shape[1], q.shape[2]
+  q, k, v, kv_mask = _padded(*(a.swapaxes(1, 2) for a in (q, k, v)))
+  shape = (q.shape[2], k.shape[2])
+  mask = splash.CausalMask(shape) if causal else splash.FullMask(shape)
+  bq, bk = block_size(shape[0]), block_size(shape[1])
+  blocks = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                             block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+  kernel = splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), block_sizes=blocks, head_shards=1,
+                                  q_seq_shards=1, interpret=interpret)
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # splash applies no scale of its own
+  if kv_mask is None:
+    out = jax.vmap(kernel)(q, k, v)
+  else:
+    ids = jax.vmap(lambda kv: splash.SegmentIds(q=jnp.ones(shape[:1], jnp.int32), kv=kv))(kv_mask)
+    out = jax.vmap(kernel)(q, k, v, segment_ids=ids)
+  return out[:, :, :lq].swapaxes(1, 2)

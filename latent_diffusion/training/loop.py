@@ -86,8 +86,6 @@ def train(task, *, workdir, mesh, seed, total_steps, log_every=50, checkpoint_ev
   `Preempted`. A non-finite loss or gradient norm stops the run (`on_nonfinite='stop'`) or skips the update
   (`'skip'`). Returns the final state.
   """
-  if on_nonfinite not in ('stop', 'skip'):
-    raise ValueError(f"train_schedule.on_nonfinite='{on_nonfinite}': choose 'stop' or 'skip'.")
   writer = summaries.create_writer(workdir)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
   state, shardings = parallel.create_sharded(task.init, mesh, init_rng)
@@ -101,10 +99,7 @@ def train(task, *, workdir, mesh, seed, total_steps, log_every=50, checkpoint_ev
       ckpt.save(0, state, {'step': 0, 'seed': seed})
   logging.info('Training %s from step %d to %d.', workdir, start_step, total_steps)
 
-  replicated = parallel.replicated(mesh)
-  train_step = _skip_nonfinite(task.train_step) if on_nonfinite == 'skip' else task.train_step
-  step_fn = jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
-                    out_shardings=(shardings, replicated), donate_argnums=0)
+  train_step, step_fn = jit_train_step(task.train_step, shardings, mesh, on_nonfinite)
   progress = summaries.create_progress(total_steps, writer)
   batches = (input_pipeline.to_global(b, mesh) for b in task.batches(start_step))
   if start_step < total_steps:  # compiled ahead of time, once, on the first batch's shapes
@@ -145,6 +140,17 @@ def train(task, *, workdir, mesh, seed, total_steps, log_every=50, checkpoint_ev
     ckpt.close()
     writer.flush()
   return state
+
+
+def jit_train_step(train_step, shardings, mesh, on_nonfinite='stop'):
+  """(the step as run, the same jitted with the state's `shardings`, the batch split over the mesh's batch axes
+  and the state donated): what `train` runs and what `plan.py` compiles for other devices."""
+  if on_nonfinite not in ('stop', 'skip'):
+    raise ValueError(f"train_schedule.on_nonfinite='{on_nonfinite}': choose 'stop' or 'skip'.")
+  train_step = _skip_nonfinite(train_step) if on_nonfinite == 'skip' else train_step
+  replicated = parallel.replicated(mesh)
+  return train_step, jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
+                             out_shardings=(shardings, replicated), donate_argnums=0)
 
 
 def _compile(step_fn, train_step, state, batch, rng):

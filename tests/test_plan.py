@@ -1,0 +1,114 @@
+"""The planner: Cloud TPU slice names, the collectives it reads from a compiled program, the batch search, its
+clear errors, and a whole plan for this machine's devices."""
+
+import subprocess
+import sys
+
+import pytest
+
+from configs import txt2img
+from latent_diffusion import flops
+from latent_diffusion import parallel
+from latent_diffusion import plan
+from latent_diffusion import programs
+
+
+@pytest.mark.parametrize('name, generation, shape', [
+    ('v4-8', 'v4', (2, 2, 1)), ('v4-32', 'v4', (2, 2, 4)), ('v5p-128', 'v5p', (4, 4, 4)),
+    ('v5p-1024', 'v5p', (8, 8, 8)), ('v5e-64', 'v5e', (8, 8)), ('v5litepod-16', 'v5e', (4, 4)),
+    ('v6e-64', 'v6e', (8, 8)), ('v6e-8', 'v6e', (2, 4)), ('v5e:2x2', 'v5e', (2, 2)), ('v4:2x2x1', 'v4', (2, 2, 1))])
+def test_slice_names_map_to_topologies(name, generation, shape):
+  topology = plan.parse_topology(name)
+  assert (topology.generation, topology.shape) == (generation, shape)
+  assert topology.chips == {'v4-32': 16, 'v5p-128': 64, 'v5e-64': 64, 'v6e-64': 64}.get(name, topology.chips)
+
+
+@pytest.mark.parametrize('name, message', [('v9-8', "Unknown --topology 'v9-8'; known: v4-N"),
+                                           ('v4-6', 'v4-N takes N = 2 x a power of two'),
+                                           ('v5e:2x2x2', 'v5e slices are 2-dimensional')])
+def test_unknown_topologies_are_refused_with_the_known_ones(name, message):
+  with pytest.raises(ValueError, match=message):
+    plan.parse_topology(name)
+
+
+def test_compile_only_devices_have_the_slice_s_chip_count():
+  assert len(plan.devices(plan.parse_topology('v4-8'))) == 4  # megacore: one device per chip
+  assert len(plan.devices(plan.parse_topology('v5p-128'))) == 64
+  assert len(plan.devices(plan.parse_topology('v5e:2x2', num_slices=2))) == 8
+  mesh = parallel.create_mesh(dict(data=4, fsdp=2, tensor=1), plan.devices(plan.parse_topology('v5e:2x2', 2)))
+  slices = [[d.slice_index for d in row.ravel()] for row in mesh.devices]  # data spans the two slices
+  assert slices[0] == [0, 0] and slices[-1] == [1, 1]
+
+
+def test_a_missing_tpu_compiler_says_how_to_install_it(monkeypatch):
+  monkeypatch.setattr(plan.importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(ValueError, match=r"pip install -e '\.\[tpu\]'"):
+    plan.devices(plan.parse_topology('v5e:2x2'))
+
+
+HLO = """
+  %all-reduce.1 = f32[320,640]{1,0} all-reduce(f32[320,640]{1,0} %x), replica_groups={{0,1}}
+  %ag = (bf16[12,16,16,64]{3,2,1,0}, bf16[24,16,16,64]{3,2,1,0}) all-gather-start(bf16[12,16,16,64] %y)
+  %rs = f32[8]{0} reduce-scatter(f32[16]{0} %z), dimensions={0}
+  %fusion = f32[8]{0} fusion(f32[8]{0} %rs), kind=kLoop
+"""
+
+
+def test_collectives_are_counted_with_their_bytes_and_shapes():
+  summary, shapes = plan.collectives(HLO)
+  assert summary == {'all-reduce': (1, 320 * 640 * 4), 'all-gather': (1, 24 * 16 * 16 * 64 * 2),
+                     'reduce-scatter': (1, 32)}
+  assert ('all-gather', [(12, 16, 16, 64), (24, 16, 16, 64)]) in shapes
+
+
+def test_find_batch_returns_the_largest_batch_that_fits(monkeypatch):
+  config = txt2img.get_config('smoke')
+  topology = plan.parse_topology('v5e:2x2')
+  tried = []
+
+  def fake_compile(stage, config, topology, mesh_sizes, devices):
+    batch = config.ldm.batch_size // topology.chips
+    tried.append(batch)
+    return plan.Plan(stage, '', {}, config.ldm.batch_size, 4, batch * plan.GiB // 2, 0, 0, 0, 16 * plan.GiB, 1.0,
+                     1.0, 1.0, 0.0, {}, [], 0, 0.0, 1e12, 1e12)
+
+  monkeypatch.setattr(plan, 'compile_plan', fake_compile)
+  found, best = plan.find_batch('ldm', config, topology, None, [], log=lambda _: None)
+  assert found == 32 and best.batch_size == 32 * 4  # 32 chips x 0.5 GiB = 16 GiB fits, 33 does not
+  assert tried[:7] == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_a_plan_for_this_machine_compiles_the_stage_and_counts_its_flops():
+  config = txt2img.get_config('smoke')
+  lines = []
+  plans, problems = plan.run(config, 'local', ['latents', 'eval'], mesh='auto', log=lines.append)
+  assert not problems and {p.stage for p in plans} == {'latents', 'eval'}
+  assert len(plans) == 2 * len(plan.mesh_candidates(8))
+  mesh = parallel.create_mesh(config.mesh)
+  program = programs.build('latents', config, mesh)
+  latents = next(p for p in plans if p.stage == 'latents' and p.mesh['data'] == 8)
+  assert latents.flops == flops.count(program.fn, *program.args) > 0
+  assert latents.arguments > 0 and latents.temporaries > 0 and latents.compile_seconds > 0
+  table = lines[-1]
+  assert table.startswith('Topology local (8 cpu devices)') and table.count('\n| latents |') == 5
+
+
+def test_the_cli_prints_one_error_line_for_bad_input(tmp_path):
+  def run(*args):
+    done = subprocess.run([sys.executable, '-m', 'latent_diffusion.plan', '--config=configs/txt2img.py:smoke',
+                           *args], capture_output=True, text=True, cwd=plan.__file__.rsplit('/', 2)[0], check=False)
+    errors = [line for line in done.stderr.splitlines() if line.startswith('Error:')]
+    assert done.returncode == 1 and len(errors) == 1 and 'Traceback' not in done.stderr, done.stderr[-2000:]
+    return errors[0]
+
+  assert 'known: v4-N' in run('--topology=v9-8')
+  assert 'needs 3 devices' in run('--topology=local', '--config.mesh.data=3')
+  assert "--mesh=fast: choose 'config'" in run('--topology=local', '--mesh=fast')
+
+
+def test_a_batch_that_does_not_divide_over_the_chips_is_planned_at_the_nearest_multiple():
+  config = txt2img.get_config('smoke')
+  config.latents.batch_size = 30
+  lines = []
+  plans, _ = plan.run(config, 'local', ['latents'], log=lines.append)
+  assert plans[0].batch_size == 24 and 'latents.batch_size=30 does not divide over 8 chips; planning 24' in lines[0]

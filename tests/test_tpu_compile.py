@@ -1,0 +1,59 @@
+"""TPU programs compiled on this CPU host (libtpu's compile-only devices, no TPU): the smoke configs' stages on
+small slices, with our Pallas kernel exactly where the sequence lengths suit it, batch-sharded activations, and
+the planner's FLOPs equal to flops.py's count of the same function."""
+
+import pytest
+
+from configs import txt2img
+from latent_diffusion import flops
+from latent_diffusion import parallel
+from latent_diffusion import plan
+from latent_diffusion import programs
+
+pytestmark = pytest.mark.slow
+
+
+def _compile(config, stage, topology, mesh):
+  topo = plan.parse_topology(topology)
+  return plan.compile_plan(stage, config, topo, mesh, plan.devices(topo))
+
+
+def _activation_gathers(report, global_batch):
+  """Collectives whose result holds a whole global batch of activations (rank >= 3, leading dim = the batch)."""
+  return [(kind, shape) for kind, shapes in report.collective_shapes for shape in shapes
+          if kind != 'all-reduce' and len(shape) >= 3 and shape[0] == global_batch]
+
+
+def test_txt2img_ldm_step_on_v5e_uses_flash_where_lengths_suit():
+  # 64 px -> 16x16 latents: 256-token self-attention at ds 1 (flash), 64 tokens at ds 2 and 24-token contexts (XLA).
+  config = txt2img.get_config('smoke')
+  config.data.resolution = 64
+  config.ldm.batch_size = 24
+  mesh = dict(data=2, fsdp=1, tensor=2)
+  report = _compile(config, 'ldm', 'v5e:2x2', mesh)
+  # Forward: 3 transformers at ds 1 (down_0_0, up_0_0, up_0_1), one flash call each; backward: dkv and dq calls.
+  assert report.pallas_calls == 3 * 3
+  assert report.fits and 0 < report.total < 16 * plan.GiB
+  assert not _activation_gathers(report, 24)
+  assert report.collectives['all-reduce'][0] >= 1  # gradients over the data axis
+  # The table's FLOPs are flops.py's count of the very function compiled, and near XLA's own count.
+  mesh_obj = parallel.create_mesh(dict(config.mesh.to_dict(), **mesh), plan.devices(plan.parse_topology('v5e:2x2')))
+  program = programs.build('ldm', config, mesh_obj)
+  assert report.flops == flops.count(program.fn, *program.args)
+  assert 0.7 < report.xla_flops / report.flops < 1.5
+  assert report.roofline_seconds > 0 and report.images_per_second_per_chip > 0
+
+
+def test_autoencoder_step_and_guided_sampler_compile_for_v4():
+  config = txt2img.get_config('smoke')
+  mesh = dict(data=2, fsdp=1, tensor=2)
+  autoencoder = _compile(config, 'autoencoder', 'v4:2x2x1', mesh)
+  assert autoencoder.fits and autoencoder.pallas_calls == 0  # 8x8 latents: no attention long enough for flash
+  assert not _activation_gathers(autoencoder, config.autoencoder.batch_size)
+  # DDIM x 50 + guidance + decode, one program. Data-parallel, it moves no activations between chips at all:
+  # guidance interleaves each image's two rows, so the doubled batch stays in its shards (concatenating the
+  # halves cost 9 collective-permutes and 5 all-to-alls of latents and contexts).
+  sample = _compile(config, 'sample', 'v4:2x2x1', dict(data=4, fsdp=1, tensor=1))
+  assert sample.fits and sample.flops > 50 * 2 * sample.batch_size
+  moved = sum(size for kind, (_, size) in sample.collectives.items() if kind != 'all-reduce')
+  assert moved < 1024, sample.collectives
