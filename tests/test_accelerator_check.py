@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_accelerator_check_runs_on_the_cpu_at_its_tiny_size():
   result = subprocess.run(['bash', 'benchmarks/accelerator_check.sh', '--tiny', '--steps=1', '--repeats=1',
-                           '--num_steps=3'], cwd=REPO, capture_output=True, text=True, timeout=480,
+                           '--num_steps=5'], cwd=REPO, capture_output=True, text=True, timeout=480,
                           env=dict(os.environ, XLA_FLAGS=''))
   assert result.returncode == 0, result.stderr[-3000:]
   train = re.findall(r'^\| tiny \| float32 \| ours (\w+) \| ([\d.]+) \| ([\d.]+)x \|.*\| ([\d,]+) \|$',
