@@ -42,7 +42,8 @@ class Extractor:
 
 def make_apply(model, mesh, mode):
   """The jitted (variables, uint8 images) -> features, batch-sharded over the mesh."""
-  return jax.jit(lambda v, x: model.apply(v, inception.preprocess(x, mode)), out_shardings=parallel.batch_sharding(mesh))
+  return jax.jit(lambda v, x: model.apply(v, inception.preprocess(x, mode)),
+                 out_shardings=parallel.batch_sharding(mesh))
 
 
 def array_batches(images, global_batch_size, load=None):
