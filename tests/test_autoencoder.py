@@ -119,6 +119,7 @@ def _batch(mesh):
   return {'image': jax.device_put(images, parallel.batch_sharding(mesh))}
 
 
+@pytest.mark.slow  # 50 s here
 def test_adaptive_weight_equals_the_ratio_of_gradient_norms_by_hand():
   config = tiny_config()
   mesh = parallel.create_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
@@ -164,7 +165,7 @@ def test_disc_start_gates_the_adversarial_terms():
   assert float(metrics['loss']) == pytest.approx(float(metrics['nll_loss'] + 1e-6 * metrics['reg_loss']), rel=1e-6)
 
 
-@pytest.mark.parametrize('kind', ['kl', 'vq'])
+@pytest.mark.parametrize('kind', ['kl', pytest.param('vq', marks=pytest.mark.slow)])  # 60 s each here
 def test_train_step_sharded_on_8_devices_equals_1_device(kind):
   config = tiny_config(kind)
   mesh8 = parallel.create_mesh(dict(data=4, fsdp=2, tensor=1))

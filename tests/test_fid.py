@@ -92,7 +92,7 @@ def test_preprocessing_modes_match_pytorch_fid_and_clean_fid(size):
 
 
 def test_frechet_distance_matches_pytorch_fid_including_the_singular_case():
-  from pytorch_fid import fid_score as reference  # pylint: disable=g-import-not-at-top
+  reference = torch_reference.import_pytorch_fid_score()
   rng = np.random.default_rng(0)
   for n in (400, 40):  # 40 samples of 64 dims: singular covariances, a complex root that both refuse
     a = rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64))
@@ -121,8 +121,9 @@ def write_pngs(directory, images):
     tf.io.write_file(os.path.join(directory, f'{i:03d}.png'), tf.io.encode_png(image))
 
 
+@pytest.mark.slow  # 85 s here
 def test_fid_of_two_folders_matches_pytorch_fid(pytorch_fid_model, tmp_path):
-  from pytorch_fid import fid_score as reference  # pylint: disable=g-import-not-at-top
+  reference = torch_reference.import_pytorch_fid_score()
   _, variables, monkeypatch = pytorch_fid_model
   rng = np.random.default_rng(1)
   dark = (rng.uniform(size=(24, 48, 48, 3)) * 160).astype(np.uint8)

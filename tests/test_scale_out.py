@@ -91,6 +91,7 @@ def copy(base, tmp_path, name):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('stage_1')  # one worker builds the module's stage_1 once
 def test_two_processes_of_four_devices_equal_one_of_eight(stage_1, tmp_path, tfds_dir):
   base, reference, expected = stage_1
   workdir = copy(base, tmp_path, 'two_hosts')
@@ -126,6 +127,7 @@ def wait_for_step(process, step):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('stage_1')  # one worker builds the module's stage_1 once
 def test_sigkill_at_a_random_step_then_restart_equals_the_uninterrupted_run(stage_1, tmp_path, tfds_dir):
   base, reference, expected = stage_1
   workdir = copy(base, tmp_path, 'killed')
@@ -149,6 +151,7 @@ def test_sigkill_at_a_random_step_then_restart_equals_the_uninterrupted_run(stag
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('stage_1')  # one worker builds the module's stage_1 once
 def test_sigterm_saves_the_current_step_and_a_truncated_checkpoint_falls_back(stage_1, tmp_path, tfds_dir):
   base, reference, _ = stage_1
   workdir = copy(base, tmp_path, 'terminated')
@@ -177,6 +180,7 @@ def test_sigterm_saves_the_current_step_and_a_truncated_checkpoint_falls_back(st
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('stage_1')  # one worker builds the module's stage_1 once
 def test_a_deleted_latent_shard_is_rebuilt_alone(stage_1, tmp_path, tfds_dir):
   base, _, _ = stage_1
   workdir = copy(base, tmp_path, 'shard')

@@ -70,6 +70,7 @@ def _count_checkpoints(jaxpr):
       _count_checkpoints(sub) for sub in jax.extend.core.jaxprs_in_params(e.params)) for e in jaxpr.eqns)
 
 
+@pytest.mark.slow  # 90 s here
 def test_remat_per_block_keeps_the_gradients_and_checkpoints_only_those_blocks():
   x, t, context = inputs(batch=2)
   model = unet_lib.UNet(**SMALL)
@@ -135,7 +136,9 @@ def test_causal_attention_agrees_with_a_masked_softmax():
       np.testing.assert_allclose(attention.chunked_attention(q, k, v, *chunks, causal=True), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize('mesh_shape', [dict(data=4, fsdp=2, tensor=1), dict(data=4, fsdp=1, tensor=2),
+# The 3-axis mesh in the default suite; the 2-axis ones (90 s each here) with the slow tests.
+@pytest.mark.parametrize('mesh_shape', [pytest.param(dict(data=4, fsdp=2, tensor=1), marks=pytest.mark.slow),
+                                        pytest.param(dict(data=4, fsdp=1, tensor=2), marks=pytest.mark.slow),
                                         dict(data=2, fsdp=2, tensor=2)])
 def test_output_and_training_step_equal_on_1_and_8_devices(mesh_shape):
   model = unet_lib.UNet(**SMALL)

@@ -24,6 +24,13 @@ def import_diffusers():
   return diffusers
 
 
+def import_pytorch_fid_score():
+  """pytorch-fid's `fid_score` module (the reference FID computation)."""
+  _skip_torchvision_ops()
+  from pytorch_fid import fid_score  # pylint: disable=g-import-not-at-top
+  return fid_score
+
+
 def random_pytorch_fid_inception(monkeypatch, seed=0):
   """pytorch-fid's `InceptionV3` built over random weights instead of its download: (model, state_dict).
 

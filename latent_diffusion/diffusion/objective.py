@@ -6,6 +6,9 @@ import jax.numpy as jnp
 
 from latent_diffusion.diffusion import schedules
 
+PARAMETERIZATIONS = ('eps', 'x0', 'v')  # what the UNet predicts (ldm.parameterization)
+LOSSES = ('l2', 'l1')  # ldm.loss
+
 
 def drop_condition(rng, context, null_context, p_uncond):
   """Replaces each example's context by the null context with probability p_uncond (missing in the reference)."""

@@ -7,6 +7,8 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
+KINDS = ('scaled_linear', 'linear', 'cosine')  # ldm.schedule.kind
+
 
 def make_betas(kind, num_timesteps, beta_start=0.00085, beta_end=0.012, cosine_s=0.008):
   """float64 betas: 'scaled_linear' (the reference's "linear": linspace of square roots, squared), 'linear',
@@ -19,7 +21,7 @@ def make_betas(kind, num_timesteps, beta_start=0.00085, beta_end=0.012, cosine_s
     t = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
     alphas_cumprod = np.cos((t + cosine_s) / (1 + cosine_s) * np.pi / 2) ** 2
     return np.clip(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], 0, 0.999)
-  raise ValueError(f"Unknown schedule kind '{kind}'; use 'scaled_linear', 'linear' or 'cosine'.")
+  raise ValueError(f"Unknown schedule kind '{kind}'; use one of {KINDS}.")
 
 
 @flax.struct.dataclass

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from latent_diffusion.models import attention as attention_lib
 from latent_diffusion.models import layers
 
+KINDS = ('kl', 'vq')  # autoencoder.model.kind
+
 
 class ResnetBlock(nn.Module):
   """norm -> swish -> conv -> norm -> swish -> dropout -> conv, plus a (1x1-projected) skip."""
@@ -257,4 +259,4 @@ def create_autoencoder(model_config):
     return AutoencoderKL(**arch)
   if model_config.kind == 'vq':
     return VQModel(n_embed=model_config.n_embed, l2_normalize=model_config.l2_normalize, **arch)
-  raise ValueError(f"autoencoder.model.kind='{model_config.kind}' is not 'kl' or 'vq'.")
+  raise ValueError(f"autoencoder.model.kind='{model_config.kind}' is not one of {KINDS}.")

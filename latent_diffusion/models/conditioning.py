@@ -13,6 +13,8 @@ from latent_diffusion.models import attention as attention_lib
 from latent_diffusion.models import layers
 
 TEXT_KINDS = ('text', 'clip')  # ldm.conditioning kinds whose condition is a caption
+KINDS = TEXT_KINDS + ('class', 'layout', 'none')  # ldm.conditioning.kind
+TOKENIZERS = ('bytes', 'wordpiece')  # ldm.conditioning.tokenizer of kind 'text'
 
 
 class ByteTokenizer:
@@ -91,7 +93,7 @@ def create_tokenizer(conditioning_config):
     return ByteTokenizer()
   if conditioning_config.tokenizer == 'wordpiece':
     return WordPieceTokenizer(conditioning_config.vocab_file)
-  raise ValueError(f"ldm.conditioning.tokenizer='{conditioning_config.tokenizer}' is not 'bytes' or 'wordpiece'.")
+  raise ValueError(f"ldm.conditioning.tokenizer='{conditioning_config.tokenizer}' is not one of {TOKENIZERS}.")
 
 
 class LayoutTokenizer:

@@ -19,6 +19,7 @@ from latent_diffusion.models import layers
 
 zeros = nn.initializers.zeros
 REMAT_KINDS = {'resblock', 'transformer'}
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')  # ldm.unet.dtype
 
 
 def timestep_embedding(t, dim, max_period=10_000):

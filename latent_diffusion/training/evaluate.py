@@ -29,6 +29,8 @@ from latent_diffusion.training import ldm
 from latent_diffusion.training import sample as sample_stage
 from latent_diffusion.training import summaries
 
+SOURCES = ('fresh', 'samples')  # eval.source
+
 
 def _read_json(path):
   if not tf.io.gfile.exists(path):
@@ -113,7 +115,7 @@ def samples_metrics(config, workdir, evaluator):
 def run(config, workdir):
   """Evaluates the newest ldm (and autoencoder) checkpoints and writes WORKDIR/eval/{ldm,autoencoder}.json."""
   e = config.eval
-  if e.source not in ('fresh', 'samples'):
+  if e.source not in SOURCES:
     raise ValueError(f"eval.source='{e.source}': choose 'fresh' (draw eval.num_samples) or 'samples' (the "
                      'images of the `sample` stage).')
   mesh = parallel.create_mesh(config.mesh)

@@ -70,7 +70,7 @@ class Conditioner:
       self.model = conditioning.ClassEmbedder(cond_config.num_classes, cond_config.width)
       self.null = {'label': np.full((1,), cond_config.num_classes - 1, np.int32)}
     elif self.kind != 'none':
-      raise ValueError(f"ldm.conditioning.kind='{self.kind}' is not 'text', 'clip', 'class', 'layout' or 'none'.")
+      raise ValueError(f"ldm.conditioning.kind='{self.kind}' is not one of {conditioning.KINDS}.")
 
   def inputs(self, batch):
     """Host-side conditioning inputs of a batch of stored examples (captions and layouts are tokenized here)."""

@@ -22,6 +22,8 @@ from latent_diffusion.data import input_pipeline
 from latent_diffusion.training import checkpoint
 from latent_diffusion.training import summaries
 
+ON_NONFINITE = ('stop', 'skip')  # train_schedule.on_nonfinite: end the run, or skip the update
+
 
 @dataclasses.dataclass
 class Task:
@@ -145,7 +147,7 @@ def train(task, *, workdir, mesh, seed, total_steps, log_every=50, checkpoint_ev
 def jit_train_step(train_step, shardings, mesh, on_nonfinite='stop'):
   """(the step as run, the same jitted with the state's `shardings`, the batch split over the mesh's batch axes
   and the state donated): what `train` runs and what `plan.py` compiles for other devices."""
-  if on_nonfinite not in ('stop', 'skip'):
+  if on_nonfinite not in ON_NONFINITE:
     raise ValueError(f"train_schedule.on_nonfinite='{on_nonfinite}': choose 'stop' or 'skip'.")
   train_step = _skip_nonfinite(train_step) if on_nonfinite == 'skip' else train_step
   replicated = parallel.replicated(mesh)
@@ -178,7 +180,9 @@ def _write_train_metrics(writer, step, history, last_checkpoint):
   means = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
   bad = sorted(k for k, v in means.items() if not np.isfinite(v))
   if bad:
+    kept = 'no checkpoint was written yet' if last_checkpoint is None else (
+        f'the last checkpoint (step {last_checkpoint}) is kept')
     raise FloatingPointError(
-        f'Non-finite {bad} before step {step}; stopping. The last checkpoint (step {last_checkpoint}) is kept: '
-        'lower the learning rate or enable gradient clipping, then rerun the same command to resume.')
+        f'Non-finite {bad} before step {step}; stopping, and {kept}: lower the learning rate or enable gradient '
+        "clipping, or set the stage's train_schedule.on_nonfinite='skip', then rerun the same command.")
   writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})

@@ -1,0 +1,227 @@
+"""The whole config checked before any stage runs, so a typo in a late stage's field costs no compute.
+
+`problems(config, mesh)` lists every problem found (choices, values that must divide, files, cross-field rules);
+`check` raises one ValueError holding all of them. Each check reuses the constants of the code that reads the
+field, so the two cannot drift apart.
+"""
+
+import math
+
+from etils import epath
+import jax
+
+from latent_diffusion import parallel
+from latent_diffusion import stages
+from latent_diffusion.data import latent_store
+from latent_diffusion.diffusion import concat as concat_lib
+from latent_diffusion.diffusion import generate
+from latent_diffusion.diffusion import objective
+from latent_diffusion.diffusion import sampling
+from latent_diffusion.diffusion import schedules
+from latent_diffusion.evaluation import inception
+from latent_diffusion.losses import autoencoder as autoencoder_losses
+from latent_diffusion.models import attention
+from latent_diffusion.models import autoencoder as autoencoder_models
+from latent_diffusion.models import conditioning
+from latent_diffusion.models import unet as unet_lib
+from latent_diffusion.training import evaluate
+from latent_diffusion.training import loop
+from latent_diffusion.weights import inception as weights_inception
+
+
+class _Problems(list):
+  """The problems found so far, with helpers that each add at most one line."""
+
+  def choice(self, path, value, choices):
+    if value not in choices:
+      self.append(f'{path}={value!r} is not one of {", ".join(repr(c) for c in choices)}.')
+
+  def number(self, path, value, *, low=None, high=None, low_open=False, high_open=False, integer=False):
+    """A finite number in [low, high] (open ends where asked); `integer` also requires an int."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    if ok and low is not None:
+      ok = value > low if low_open else value >= low
+    if ok and high is not None:
+      ok = value < high if high_open else value <= high
+    if not ok:
+      lo = '' if low is None else f'{"(" if low_open else "["}{low}'
+      hi = '' if high is None else f'{high}{")" if high_open else "]"}'
+      kind = 'an integer' if integer else 'a finite number'
+      where = f' in {lo or "(-inf"}, {hi or "inf)"}' if low is not None or high is not None else ''
+      self.append(f'{path}={value!r} must be {kind}{where}.')
+
+  def divides(self, path, value, divisor, why):
+    if divisor and value % divisor:
+      self.append(f'{path}={value} is not divisible by {divisor} ({why}).')
+
+  def file(self, path, value, *, directory=False, fix='fix the path or leave it empty.'):
+    if value and not (epath.Path(value).is_dir() if directory else epath.Path(value).exists()):
+      self.append(f'{path}={value!r}: no such {"directory" if directory else "file or folder"}; {fix}')
+
+  def guard(self, fn):
+    """Runs a check of the code that reads a field; its ValueError or FileNotFoundError becomes a problem."""
+    try:
+      fn()
+    except (ValueError, FileNotFoundError, TypeError) as e:
+      self.append(str(e))
+
+
+def _autoencoder(found, c):
+  a = c.autoencoder
+  found.choice('autoencoder.model.kind', a.model.kind, autoencoder_models.KINDS)
+  found.choice('autoencoder.loss.disc_loss', a.loss.disc_loss, tuple(autoencoder_losses.DISC_LOSSES))
+  found.number('autoencoder.optimizer.learning_rate', a.optimizer.learning_rate, low=0, low_open=True)
+  found.number('autoencoder.ema_decay', a.ema_decay, low=0, high=1, high_open=True)
+  found.number('autoencoder.total_steps', a.total_steps, low=0, integer=True)
+  found.file('autoencoder.pretrained', a.pretrained)
+  found.file('autoencoder.loss.lpips_weights', a.loss.lpips_weights)
+  factor = 2 ** (len(a.model.ch_mult) - 1)
+  found.divides('data.resolution', c.data.resolution, factor,
+                f"the first stage downsamples by {factor}; use a multiple of {factor} or another autoencoder")
+  return factor
+
+
+def _ldm(found, c, latent_size):
+  u, cond, opt = c.ldm.unet, c.ldm.conditioning, c.ldm.optimizer
+  found.choice('ldm.unet.attention', u.attention, attention.IMPLEMENTATIONS)
+  found.choice('ldm.unet.dtype', u.dtype, unet_lib.COMPUTE_DTYPES)
+  for kind in filter(None, u.remat.split(',')) if u.remat != 'all' else ():
+    found.choice('ldm.unet.remat', kind, ('', 'all') + tuple(sorted(unet_lib.REMAT_KINDS)))
+  if not hasattr(jax.checkpoint_policies, u.remat_policy):
+    found.append(f'ldm.unet.remat_policy={u.remat_policy!r} is not a jax.checkpoint_policies name (e.g. '
+                 "'nothing_saveable', 'dots_saveable').")
+  found.choice('ldm.parameterization', c.ldm.parameterization, objective.PARAMETERIZATIONS)
+  found.choice('ldm.loss', c.ldm.loss, objective.LOSSES)
+  found.choice('ldm.schedule.kind', c.ldm.schedule.kind, schedules.KINDS)
+  found.choice('ldm.conditioning.kind', cond.kind, conditioning.KINDS)
+  found.choice('ldm.conditioning.concat', cond.concat, concat_lib.KINDS)
+  found.number('ldm.optimizer.learning_rate', opt.learning_rate, low=0, low_open=True)
+  found.number('ldm.optimizer.warmup_steps', opt.warmup_steps, low=0, integer=True)
+  found.number('ldm.optimizer.weight_decay', opt.weight_decay, low=0)
+  found.number('ldm.optimizer.grad_clip', opt.grad_clip, low=0)
+  found.number('ldm.ema_decay', c.ldm.ema_decay, low=0, high=1, high_open=True)
+  found.number('ldm.p_uncond', c.ldm.p_uncond, low=0, high=1, high_open=True)
+  found.number('ldm.min_snr_gamma', c.ldm.min_snr_gamma, low=0)
+  found.number('ldm.total_steps', c.ldm.total_steps, low=0, integer=True)
+  found.number('ldm.schedule.num_timesteps', c.ldm.schedule.num_timesteps, low=1, integer=True)
+  found.file('ldm.init_from', c.ldm.init_from)
+  down = 2 ** (len(u.channel_mult) - 1)
+  found.divides('the latent size (data.resolution / the first stage factor)', latent_size, down,
+                f'the UNet downsamples {len(u.channel_mult) - 1} times; change data.resolution or '
+                'ldm.unet.channel_mult')
+  if c.sampling.latent_size:
+    found.divides('sampling.latent_size', c.sampling.latent_size, down, 'the UNet downsamples by that much')
+  field, heads = ('num_head_channels', u.num_head_channels) if u.num_head_channels > 0 else ('num_heads', u.num_heads)
+  widths = sorted({u.model_channels * mult for mult in u.channel_mult})
+  if heads < 1 or any(w % heads for w in widths):
+    found.append(f'ldm.unet.{field}={heads} does not divide the UNet\'s widths {widths} (ldm.unet.model_channels '
+                 'x channel_mult); choose a divisor of them.')
+  _conditioning(found, c)
+
+
+def _conditioning(found, c):
+  cond = c.ldm.conditioning
+  if cond.kind in ('text', 'layout'):
+    found.number('ldm.conditioning.max_length', cond.max_length, low=1, integer=True)
+    if cond.depth:
+      found.divides('ldm.conditioning.width', cond.width, cond.num_heads, 'ldm.conditioning.num_heads')
+  if cond.kind == 'text':
+    found.choice('ldm.conditioning.tokenizer', cond.tokenizer, conditioning.TOKENIZERS)
+    if cond.tokenizer == 'wordpiece' and not cond.vocab_file:
+      found.append("ldm.conditioning.tokenizer='wordpiece' needs ldm.conditioning.vocab_file (one token per line).")
+    found.file('ldm.conditioning.vocab_file', cond.vocab_file)
+  if cond.kind == 'clip':
+    if not cond.pretrained:
+      found.append("ldm.conditioning.kind='clip' needs ldm.conditioning.pretrained (a Stable Diffusion or "
+                   'CLIPTextModel folder).')
+    found.file('ldm.conditioning.pretrained', cond.pretrained, directory=True)
+  if cond.kind == 'class' and cond.num_classes < 1:
+    found.append("ldm.conditioning.kind='class' needs ldm.conditioning.num_classes >= 1 (with the null class).")
+  if cond.kind == 'layout' and not c.data.objects_key:
+    found.append("ldm.conditioning.kind='layout' needs data.objects_key (the feature holding boxes and labels).")
+  if cond.concat == 'segmentation' and not c.data.segmentation_key:
+    found.append("ldm.conditioning.concat='segmentation' needs data.segmentation_key (the class-id map).")
+  if cond.concat in concat_lib.KINDS:
+    found.guard(lambda: concat_lib.check(cond.concat, cond.segmentation_classes))
+
+
+def _sampling(found, c):
+  s = c.sampling
+  found.choice('sampling.sampler', s.sampler, tuple(sorted(generate.SAMPLERS)))
+  found.number('sampling.eta', s.eta, low=0)
+  for scale in s.guidance_scales:
+    found.number('sampling.guidance_scales', scale)
+  if c.ldm.conditioning.kind in conditioning.KINDS and c.ldm.conditioning.concat in concat_lib.KINDS:
+    found.guard(lambda: generate.requests_from_config(s, c.ldm.conditioning.kind, c.ldm.conditioning.concat))
+  if isinstance(c.ldm.schedule.num_timesteps, int) and c.ldm.schedule.num_timesteps > 0:
+    found.number('sampling.num_steps', s.num_steps, low=1, high=c.ldm.schedule.num_timesteps, integer=True)
+    if s.sampler == 'ddim' and isinstance(s.num_steps, int) and 0 < s.num_steps <= c.ldm.schedule.num_timesteps:
+      found.guard(lambda: sampling.ddim_timesteps(c.ldm.schedule.num_timesteps, s.num_steps))
+
+
+def _eval(found, c):
+  e = c.eval
+  found.choice('eval.source', e.source, evaluate.SOURCES)
+  found.choice('eval.preprocessing', e.preprocessing, inception.PREPROCESSING)
+  found.number('eval.num_samples', e.num_samples, low=1, integer=True)
+  found.number('eval.precision_recall_k', e.precision_recall_k, low=1, integer=True)
+  found.file('eval.reference_stats', e.reference_stats)
+  found.file('eval.inception_weights', e.inception_weights, fix=weights_inception.HINT)
+
+
+# The batch sizes each stage splits over the mesh's batch shards.
+STAGE_BATCHES = {'autoencoder': ('autoencoder.batch_size',), 'latents': ('latents.batch_size',),
+                 'ldm': ('ldm.batch_size', 'sampling.batch_size'), 'sample': ('sampling.batch_size',),
+                 'eval': ('eval.batch_size', 'sampling.batch_size')}
+
+
+def _batches(found, c, mesh, run):
+  paths = dict.fromkeys(p for stage in run for p in STAGE_BATCHES[stage])
+  for path in paths:
+    section, field = path.split('.')
+    value = c[section][field]
+    found.number(path, value, low=1, integer=True)
+    if isinstance(value, int) and value > 0:
+      found.guard(lambda v=value, p=path: parallel.check_batch_size(v, mesh, p))
+
+
+def problems(config, mesh=None, stage='all'):
+  """Every problem of `config` (a whole pipeline config) found without compute, as one line each. Batch sizes
+  are checked against `mesh` (default: config.mesh over this host's devices) for the stages `stage` runs."""
+  found = _Problems()
+  c = config
+  if mesh is None:
+    try:
+      mesh = parallel.create_mesh(c.mesh)
+    except ValueError as e:
+      found.append(str(e))
+  found.file('data.folder', c.data.folder, directory=True)
+  found.number('data.resolution', c.data.resolution, low=1, integer=True)
+  found.choice('latents.dtype', c.latents.dtype, tuple(latent_store.DTYPES))
+  for section in ('autoencoder', 'ldm'):
+    found.choice(f'{section}.train_schedule.on_nonfinite', c[section].train_schedule.on_nonfinite,
+                 loop.ON_NONFINITE)
+    for field in ('log_every', 'checkpoint_every', 'eval_every'):
+      found.number(f'{section}.train_schedule.{field}', c[section].train_schedule[field], low=1, integer=True)
+  factor = _autoencoder(found, c)
+  resolution = c.data.resolution
+  latent_size = resolution // factor if isinstance(resolution, int) and resolution % factor == 0 else 0
+  _ldm(found, c, latent_size)
+  _sampling(found, c)
+  _eval(found, c)
+  if mesh is not None:
+    run = stages.STAGES if stage == 'all' else (stage,)
+    if c.autoencoder.pretrained:  # imported weights: the autoencoder stage trains nothing
+      run = tuple(s for s in run if s != 'autoencoder')
+    _batches(found, c, mesh, run)
+  return list(dict.fromkeys(found))  # one line per distinct problem, in the order found
+
+
+def check(config, mesh=None, stage='all'):
+  """Raises one ValueError listing every problem of `config`, before any stage spends compute."""
+  found = problems(config, mesh, stage)
+  if len(found) == 1:
+    raise ValueError(found[0])
+  if found:
+    raise ValueError(f'{len(found)} problems in the config:\n' + '\n'.join(f'  {p}' for p in found))
