@@ -170,6 +170,13 @@ def _eval(found, c):
   found.file('eval.inception_weights', e.inception_weights, fix=weights_inception.HINT)
 
 
+def _kernel_platform(found, implementation, platform):
+  needs = 'tpu' if implementation in attention.TPU_KERNELS else 'gpu' if implementation == 'cudnn' else platform
+  if needs != platform:
+    found.append(f"ldm.unet.attention={implementation!r} runs on {needs.upper()}s only, and this run's devices are "
+                 f"{platform.upper()}s; use 'auto' (it picks the fastest that applies) or 'xla'.")
+
+
 # The batch sizes each stage splits over the mesh's batch shards.
 STAGE_BATCHES = {'autoencoder': ('autoencoder.batch_size',), 'latents': ('latents.batch_size',),
                  'ldm': ('ldm.batch_size', 'sampling.batch_size'), 'sample': ('sampling.batch_size',),
@@ -211,6 +218,7 @@ def problems(config, mesh=None, stage='all'):
   _sampling(found, c)
   _eval(found, c)
   if mesh is not None:
+    _kernel_platform(found, c.ldm.unet.attention, mesh.devices.flat[0].platform)
     run = stages.STAGES if stage == 'all' else (stage,)
     if c.autoencoder.pretrained:  # imported weights: the autoencoder stage trains nothing
       run = tuple(s for s in run if s != 'autoencoder')

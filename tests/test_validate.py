@@ -19,6 +19,7 @@ SMOKE = '--config=configs/txt2img.py:smoke'
 CASES = [
     ([SMOKE, '--config.ldm.unet.attention=flash'], "ldm.unet.attention='flash'"),
     ([SMOKE, '--config.ldm.unet.dtype=float8'], "ldm.unet.dtype='float8'"),
+    ([SMOKE, '--config.ldm.unet.attention=pallas_tpu'], "ldm.unet.attention='pallas_tpu' runs on TPUs only"),
     ([SMOKE, '--config.ldm.parameterization=score'], "ldm.parameterization='score'"),
     ([SMOKE, '--config.sampling.sampler=euler'], "sampling.sampler='euler'"),
     ([SMOKE, '--config.ldm.schedule.kind=quadratic'], "ldm.schedule.kind='quadratic'"),
