@@ -143,7 +143,7 @@ def _conditioning(found, c):
   if cond.concat == 'segmentation' and not c.data.segmentation_key:
     found.append("ldm.conditioning.concat='segmentation' needs data.segmentation_key (the class-id map).")
   if cond.concat in concat_lib.KINDS:
-    found.guard(lambda: concat_lib.check(cond.concat, cond.segmentation_classes))
+    found.guard(lambda: concat_lib.num_channels(cond.concat, 0, cond.segmentation_classes))
 
 
 def _sampling(found, c):
@@ -209,8 +209,10 @@ def problems(config, mesh=None, stage='all'):
   for section in ('autoencoder', 'ldm'):
     found.choice(f'{section}.train_schedule.on_nonfinite', c[section].train_schedule.on_nonfinite,
                  loop.ON_NONFINITE)
-    for field in ('log_every', 'checkpoint_every', 'eval_every'):
+    for field in ('log_every', 'checkpoint_every'):
       found.number(f'{section}.train_schedule.{field}', c[section].train_schedule[field], low=1, integer=True)
+    found.number(f'{section}.train_schedule.eval_every', c[section].train_schedule.eval_every, low=0,
+                 integer=True)  # 0: no periodic evaluation
   factor = _autoencoder(found, c)
   resolution = c.data.resolution
   latent_size = resolution // factor if isinstance(resolution, int) and resolution % factor == 0 else 0

@@ -17,16 +17,16 @@ KEYS = {'': (), 'low_res': ('low_res',), 'inpainting': ('masked_latent', 'inpain
         'segmentation': ('segmentation',)}
 
 
-def check(concat, segmentation_classes=0):
+def check(concat):
   if concat not in KINDS:
     raise ValueError(f"ldm.conditioning.concat='{concat}' is not one of {KINDS}.")
-  if concat == 'segmentation' and segmentation_classes < 1:
-    raise ValueError("ldm.conditioning.concat='segmentation' needs ldm.conditioning.segmentation_classes, the "
-                     'number of classes of the maps (ids 0 .. classes - 1).')
 
 
 def num_channels(concat, latent_channels, segmentation_classes=0):
-  check(concat, segmentation_classes)
+  check(concat)
+  if concat == 'segmentation' and segmentation_classes < 1:
+    raise ValueError("ldm.conditioning.concat='segmentation' needs ldm.conditioning.segmentation_classes, the "
+                     'number of classes of the maps (ids 0 .. classes - 1).')
   return {'': 0, 'low_res': 3, 'inpainting': latent_channels + 1, 'segmentation': segmentation_classes}[concat]
 
 
