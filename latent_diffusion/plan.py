@@ -25,9 +25,11 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from latent_diffusion import cli
 from latent_diffusion import flops
 from latent_diffusion import parallel
 from latent_diffusion import programs
+from latent_diffusion import validate
 
 GiB = 2 ** 30
 
@@ -350,6 +352,8 @@ def run(config, topology_name, stages, *, num_slices=1, batch_per_chip=0, search
   all_devices = devices(topology)
   if mesh not in ('config', 'auto'):
     raise ValueError(f"--mesh={mesh}: choose 'config' (config.mesh) or 'auto' (compare data, fsdp, tensor).")
+  # The config's choices, files and shapes, for the slice's platform (batches are the planner's to set).
+  validate.check(config, parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1), all_devices), batches=False)
   candidates = mesh_candidates(topology.chips) if mesh == 'auto' else [None]
   plans, problems = [], []
   for stage in stages:
@@ -408,4 +412,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

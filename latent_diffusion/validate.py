@@ -125,6 +125,7 @@ def _conditioning(found, c):
   if cond.kind in ('text', 'layout'):
     found.number('ldm.conditioning.max_length', cond.max_length, low=1, integer=True)
     if cond.depth:
+      found.number('ldm.conditioning.num_heads', cond.num_heads, low=1, integer=True)
       found.divides('ldm.conditioning.width', cond.width, cond.num_heads, 'ldm.conditioning.num_heads')
   if cond.kind == 'text':
     found.choice('ldm.conditioning.tokenizer', cond.tokenizer, conditioning.TOKENIZERS)
@@ -193,9 +194,10 @@ def _batches(found, c, mesh, run):
       found.guard(lambda v=value, p=path: parallel.check_batch_size(v, mesh, p))
 
 
-def problems(config, mesh=None, stage='all'):
+def problems(config, mesh=None, stage='all', batches=True):
   """Every problem of `config` (a whole pipeline config) found without compute, as one line each. Batch sizes
-  are checked against `mesh` (default: config.mesh over this host's devices) for the stages `stage` runs."""
+  are checked against `mesh` (default: config.mesh over this host's devices) for the stages `stage` runs,
+  unless `batches` is False (the planner sets its own)."""
   found = _Problems()
   c = config
   if mesh is None:
@@ -224,13 +226,14 @@ def problems(config, mesh=None, stage='all'):
     run = stages.STAGES if stage == 'all' else (stage,)
     if c.autoencoder.pretrained:  # imported weights: the autoencoder stage trains nothing
       run = tuple(s for s in run if s != 'autoencoder')
-    _batches(found, c, mesh, run)
+    if batches:
+      _batches(found, c, mesh, run)
   return list(dict.fromkeys(found))  # one line per distinct problem, in the order found
 
 
-def check(config, mesh=None, stage='all'):
+def check(config, mesh=None, stage='all', batches=True):
   """Raises one ValueError listing every problem of `config`, before any stage spends compute."""
-  found = problems(config, mesh, stage)
+  found = problems(config, mesh, stage, batches)
   if len(found) == 1:
     raise ValueError(found[0])
   if found:

@@ -10,6 +10,7 @@ import sys
 
 from absl import flags
 
+from latent_diffusion import cli
 from latent_diffusion import main as main_lib
 
 
@@ -21,7 +22,7 @@ def run(argv):
   err = io.StringIO()
   try:
     with contextlib.redirect_stderr(err):
-      main_lib.main(main_lib.parse_flags(sys.argv))
+      main_lib.main(cli.parse_flags(sys.argv))
   except SystemExit as e:  # SystemExit('Error: ...') would print its message and exit with status 1
     return (1, e.code) if isinstance(e.code, str) else (e.code, err.getvalue().strip())
   return 0, err.getvalue().strip()

@@ -3,6 +3,7 @@
 import fcntl
 import os
 import pathlib
+import shutil
 
 os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -28,3 +29,24 @@ def tfds_dir():
     for name in ('captioned_shapes/32', 'captioned_shapes/64'):
       tfds.builder(name, data_dir=str(TEST_DATA_DIR)).download_and_prepare()
   return str(TEST_DATA_DIR)
+
+
+@pytest.fixture(scope='session')
+def shared_dir(tmp_path_factory):
+  """`shared_dir(name, build)`: a directory that `build(path)` fills once per test run, shared by every parallel
+  worker (built under a lock by the first worker that asks; the others wait, then read it)."""
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base  # the run's directory above the workers'
+
+  def get(name, build):
+    path = root / f'shared_{name}'
+    with open(root / f'shared_{name}.lock', 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not (path / '.built').exists():
+        shutil.rmtree(path, ignore_errors=True)  # a build that failed half-way
+        path.mkdir()
+        build(path)
+        (path / '.built').touch()
+    return path
+
+  return get

@@ -104,6 +104,10 @@ def test_the_cli_prints_one_error_line_for_bad_input(tmp_path):
   assert 'known: v4-N' in run('--topology=v9-8')
   assert 'needs 3 devices' in run('--topology=local', '--config.mesh.data=3')
   assert "--mesh=fast: choose 'config'" in run('--topology=local', '--mesh=fast')
+  # The config is checked for the slice's platform before any compile; flag mistakes are one line too.
+  cudnn = run('--topology=v5e:2x2', '--config.ldm.unet.attention=cudnn')
+  assert "ldm.unet.attention='cudnn' runs on GPUs only, and this run's devices are TPUs" in cudnn
+  assert "the config has no field 'batchsize'" in run('--topology=local', '--config.ldm.batchsize=8')
 
 
 def test_a_batch_that_does_not_divide_over_the_chips_is_planned_at_the_nearest_multiple():

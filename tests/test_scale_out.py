@@ -3,6 +3,7 @@ mid-run resume exactly, a truncated newest checkpoint falls back to the previous
 rebuilt alone, and the launch scripts pass bash -n and shellcheck."""
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -71,18 +72,24 @@ def assert_same_state(a, b, tolerance):
 
 
 @pytest.fixture(scope='module')
-def stage_1(tmp_path_factory, tfds_dir):
-  """A workdir with the autoencoder trained and the latent store written, and the uninterrupted ldm run."""
-  base = tmp_path_factory.mktemp('base')
-  result = main(base, tfds_dir, '--stage=autoencoder')
-  assert result.returncode == 0, result.stderr[-3000:]
-  result = main(base, tfds_dir, '--stage=latents')
-  assert result.returncode == 0, result.stderr[-3000:]
-  reference = tmp_path_factory.mktemp('reference')
-  shutil.copytree(base, reference, dirs_exist_ok=True)
-  result = main(reference, tfds_dir, '--stage=ldm', f'--config.ldm.total_steps={STEPS}')
-  assert result.returncode == 0, result.stderr[-3000:]
-  return base, reference, losses(result.stderr)
+def stage_1(shared_dir, tfds_dir):
+  """A workdir with the autoencoder trained and the latent store written, and the uninterrupted ldm run (built
+  once per test run, whichever worker asks first)."""
+
+  def build(path):
+    base = path / 'base'
+    result = main(base, tfds_dir, '--stage=autoencoder')
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = main(base, tfds_dir, '--stage=latents')
+    assert result.returncode == 0, result.stderr[-3000:]
+    shutil.copytree(base, path / 'reference')
+    result = main(path / 'reference', tfds_dir, '--stage=ldm', f'--config.ldm.total_steps={STEPS}')
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path / 'losses.json').write_text(json.dumps(losses(result.stderr)))
+
+  path = shared_dir('stage_1', build)
+  expected = {int(step): loss for step, loss in json.loads((path / 'losses.json').read_text()).items()}
+  return path / 'base', path / 'reference', expected
 
 
 def copy(base, tmp_path, name):
@@ -91,7 +98,6 @@ def copy(base, tmp_path, name):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('stage_1')  # one worker builds the module's stage_1 once
 def test_two_processes_of_four_devices_equal_one_of_eight(stage_1, tmp_path, tfds_dir):
   base, reference, expected = stage_1
   workdir = copy(base, tmp_path, 'two_hosts')
@@ -127,7 +133,6 @@ def wait_for_step(process, step):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('stage_1')  # one worker builds the module's stage_1 once
 def test_sigkill_at_a_random_step_then_restart_equals_the_uninterrupted_run(stage_1, tmp_path, tfds_dir):
   base, reference, expected = stage_1
   workdir = copy(base, tmp_path, 'killed')
@@ -151,7 +156,6 @@ def test_sigkill_at_a_random_step_then_restart_equals_the_uninterrupted_run(stag
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('stage_1')  # one worker builds the module's stage_1 once
 def test_sigterm_saves_the_current_step_and_a_truncated_checkpoint_falls_back(stage_1, tmp_path, tfds_dir):
   base, reference, _ = stage_1
   workdir = copy(base, tmp_path, 'terminated')
@@ -180,7 +184,6 @@ def test_sigterm_saves_the_current_step_and_a_truncated_checkpoint_falls_back(st
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('stage_1')  # one worker builds the module's stage_1 once
 def test_a_deleted_latent_shard_is_rebuilt_alone(stage_1, tmp_path, tfds_dir):
   base, _, _ = stage_1
   workdir = copy(base, tmp_path, 'shard')

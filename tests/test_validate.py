@@ -37,6 +37,9 @@ CASES = [
     ([SMOKE, '--config.data.resolution=30'], 'data.resolution=30 is not divisible by 4'),
     ([SMOKE, '--config.ldm.unet.channel_mult=(1,2,2,2,2)'], 'the UNet downsamples 4 times'),
     ([SMOKE, '--config.ldm.unet.num_heads=5'], 'ldm.unet.num_heads'),
+    ([SMOKE, '--config.ldm.conditioning.depth=2', '--config.ldm.conditioning.num_heads=0'],
+     'ldm.conditioning.num_heads=0 must be an integer in [1, inf)'),
+    ([SMOKE, '--config.ldm.train_schedule.eval_every=-1'], 'ldm.train_schedule.eval_every=-1'),
     ([SMOKE, '--config.ldm.conditioning.depth=2', '--config.ldm.conditioning.num_heads=3'],
      'ldm.conditioning.width=128 is not divisible by 3'),
     ([SMOKE, '--config.ldm.batch_size=12'], 'ldm.batch_size 12 is not divisible by the 8 batch shards'),
@@ -82,18 +85,22 @@ def run_main(argvs):
 
 
 @pytest.fixture(scope='module')
-def results(tmp_path_factory):
-  """Every case of CASES run once, each with a workdir holding one file beforehand: [(status, message, files)]."""
-  workdirs = []
-  for _ in CASES:
-    workdir = tmp_path_factory.mktemp('run')
-    (workdir / 'notes.txt').write_text('kept')
-    workdirs.append(workdir)
-  outcomes = run_main([[*argv, f'--workdir={w}'] for (argv, _), w in zip(CASES, workdirs)])
-  return [(status, message, sorted(p.name for p in w.iterdir())) for (status, message), w in zip(outcomes, workdirs)]
+def results(shared_dir):
+  """Every case of CASES run once per test run, each with a workdir holding one file beforehand:
+  [(status, message, the workdir's files after)]."""
+
+  def build(path):
+    workdirs = [path / f'run{i}' for i in range(len(CASES))]
+    for workdir in workdirs:
+      workdir.mkdir()
+      (workdir / 'notes.txt').write_text('kept')
+    outcomes = run_main([[*argv, f'--workdir={w}'] for (argv, _), w in zip(CASES, workdirs)])
+    found = [(status, message, sorted(p.name for p in w.iterdir())) for (status, message), w in zip(outcomes, workdirs)]
+    (path / 'results.json').write_text(json.dumps(found))
+
+  return json.loads((shared_dir('cli_cases', build) / 'results.json').read_text())
 
 
-@pytest.mark.xdist_group('cli_cases')  # one worker runs the cases' subprocess once
 @pytest.mark.parametrize('index', range(len(CASES)), ids=[' '.join(a[1:]) or a[0] for a, _ in CASES])
 def test_a_malformed_config_is_one_error_line_and_writes_nothing(index, results):
   status, message, files = results[index]
