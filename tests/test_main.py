@@ -57,6 +57,24 @@ def test_eval_without_inception_weights_stops_before_any_compute(tmp_path):
   assert not (tmp_path / 'eval').exists()
 
 
+def test_parsing_the_flags_and_loading_every_config_leaves_jax_s_backend_untouched():
+  """jax.distributed.initialize (multi-host runs) must come before any JAX computation, and the entry point
+  parses the flags and loads the config before it: imports and configs must not start the backend."""
+  script = ("import glob, sys\n"
+            "from absl import flags\n"
+            "from jax._src import xla_bridge\n"
+            "from latent_diffusion import cli, main\n"
+            "for path in sorted(glob.glob('configs/*.py')):\n"
+            "  if 'sd_finetune' in path: continue\n"
+            "  flags.FLAGS.unparse_flags()\n"
+            "  sys.argv = ['main', f'--config={path}:smoke', '--workdir=/tmp/unused']\n"
+            "  cli.parse_flags(sys.argv)\n"
+            "print('configs', flags.FLAGS.config.ldm.batch_size > 0, xla_bridge.backends_are_initialized())\n")
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'), check=False)
+  assert result.stdout.strip().splitlines()[-1:] == ['configs True False'], result.stderr[-3000:]
+
+
 def test_misspelt_override_and_unknown_stage_are_errors(tmp_path):
   result = main('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}', '--config.data.resolutoin=64')
   assert result.returncode != 0 and 'resolutoin' in result.stderr

@@ -9,11 +9,13 @@ torchvision's VGG16 and the `lpips` package's lin layers).
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # torchvision vgg16().features: conv widths, 'M' = 2x2 max pool. LPIPS taps the ReLU before each pool.
 VGG16_FEATURES = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512)
-_SHIFT = jnp.array([-0.030, -0.088, -0.188])
-_SCALE = jnp.array([0.458, 0.448, 0.450])
+# numpy, not jnp: a module-level JAX array would start the backend at import, before jax.distributed.initialize.
+_SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
+_SCALE = np.array([0.458, 0.448, 0.450], np.float32)
 
 
 def vgg16_conv_indices():
