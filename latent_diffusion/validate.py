@@ -60,7 +60,7 @@ class _Problems(list):
       self.append(f'{path}={value!r}: no such {"directory" if directory else "file or folder"}; {fix}')
 
   def guard(self, fn):
-    """Runs a check of the code that reads a field; its ValueError or FileNotFoundError becomes a problem."""
+    """Runs a check of the code that reads a field; its ValueError, FileNotFoundError or TypeError becomes a problem."""
     try:
       fn()
     except (ValueError, FileNotFoundError, TypeError) as e:
