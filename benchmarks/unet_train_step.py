@@ -26,7 +26,8 @@ from latent_diffusion import flops  # pylint: disable=g-import-not-at-top,wrong-
 from latent_diffusion.models import unet as unet_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Architectures: (block_out_channels, attention at these levels, layers_per_block, heads, context (tokens, dim),
-# latent (size, channels), batch). `smoke` is configs/txt2img.py:smoke's UNet; `sd_like` has Stable Diffusion's
+# latent (size, channels), batch). `smoke` is configs/txt2img.py:smoke's UNet with attention on both levels (the
+# config now keeps the 4x4 one only; docs/performance.md's numbers are of this one); `sd_like` has Stable Diffusion's
 # layout (4 levels, attention on the first 3, 8 heads, 77 x 768 context) at a width that fits a CPU.
 CONFIGS = {
     'smoke': dict(channels=(64, 128), attention=(0, 1), layers=1, heads=4, context=(24, 128), latent=(8, 3),

@@ -62,24 +62,28 @@ def autoencoder(name, *, smoke=False):
   c.model = ml_collections.ConfigDict(dict(
       kind=arch['kind'], ch=128, ch_mult=arch['ch_mult'], num_res_blocks=2,
       attn_resolutions=arch['attn_resolutions'], z_channels=arch['z_channels'],
-      embed_dim=arch['z_channels'], n_embed=arch.get('n_embed', 0), l2_normalize=False, dropout=0.0))
+      embed_dim=arch['z_channels'], n_embed=arch.get('n_embed', 0), l2_normalize=False, dropout=0.0, norm_groups=32))
   c.loss = ml_collections.ConfigDict(dict(
       perceptual_weight=1.0, lpips_weights='', disc_weight=0.0, disc_start=0, kl_weight=0.0, codebook_weight=0.0,
       disc_loss='hinge', disc_ndf=64, disc_num_layers=3))
   c.loss.update(AUTOENCODER_LOSSES[name])
-  c.optimizer = ml_collections.ConfigDict(dict(learning_rate=4.5e-6, b1=0.5, b2=0.9))
+  c.optimizer = ml_collections.ConfigDict(dict(learning_rate=4.5e-6, b1=0.5, b2=0.9, decay='constant'))
   c.batch_size = 12
   c.total_steps = 200_000
   c.ema_decay = 0.0
   c.train_schedule = train_schedule(log_every=100, checkpoint_every=5000, eval_every=5000)
   c.eval = ml_collections.ConfigDict(dict(num_images=512))
   if smoke:
-    c.model.update(ch=32, num_res_blocks=1, attn_resolutions=())
+    # A quarter of the width, half the deeper levels' multipliers, and 8 groups in each GroupNorm: 4 channels a
+    # group as the reference's 128 / 32. With 32 groups of 1 channel every norm drops each channel's mean, and
+    # the decoder cannot keep a flat background's tint (reconstructions lose ~2 dB).
+    c.model.update(ch=32, ch_mult=tuple(max(1, m // 2) for m in c.model.ch_mult), num_res_blocks=1,
+                   attn_resolutions=(), norm_groups=8)
     c.model.n_embed = min(c.model.n_embed, 256)
     c.loss.update(perceptual_weight=0.0, disc_start=10**9)
-    c.optimizer.learning_rate = 4e-4
+    c.optimizer.update(learning_rate=4e-4, decay='cosine')
     c.batch_size = 16
-    c.total_steps = 1000  # KL-f4 on captioned_shapes/32: validation PSNR ~25 dB in 6 min on 2 CPU cores
+    c.total_steps = 1600  # KL-f4 on captioned_shapes/32: validation PSNR 28 dB in 6 min on 2 CPU cores
     c.ema_decay = 0.999
     c.train_schedule = train_schedule(log_every=50, checkpoint_every=500, eval_every=500)
     c.eval.num_images = 256
@@ -128,7 +132,7 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
   c.min_snr_gamma = 0.0  # > 0: min-SNR loss weighting (Hang et al. 2023), an addition
   c.p_uncond = 0.1 if c.conditioning.kind != 'none' else 0.0  # condition dropout for classifier-free guidance
   c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=learning_rate, warmup_steps=warmup_steps, weight_decay=0.0, grad_clip=1.0))
+      learning_rate=learning_rate, warmup_steps=warmup_steps, decay='constant', weight_decay=0.0, grad_clip=1.0))
   c.batch_size = batch_size
   # 0: the whole latent store in host memory, shuffled as one; N: stream it N shards at a time (stores larger
   # than memory), shuffling the shard order and the examples within each window.
@@ -159,16 +163,20 @@ def shrink_for_smoke(c):
   autoencoder: 8x8 latents). Sections keep their keys, so a smoke run exercises the full-size code paths."""
   c.data = data('captioned_shapes/32', 32)
   c.latents.update(examples_per_shard=5_000, batch_size=256, scale_factor=0.0)
-  c.ldm.unet.update(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+  # The smoke recipe: SpatialTransformers on the 4x4 level only (8x8 latents; the 8x8 ones took 36% of the step),
+  # min-SNR weighting (gamma 5: layout is decided at high noise) and a cosine decay (a short run ends annealed).
+  # With the three, the txt2img samples put 0.85 of the objects in the prompted colour and place, against 0.49.
+  c.ldm.unet.update(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                     num_heads=4, num_head_channels=-1)
   c.ldm.conditioning.update(width=128, num_heads=4)
-  c.ldm.optimizer.update(learning_rate=5e-4, warmup_steps=100)
+  c.ldm.min_snr_gamma = 5.0
+  c.ldm.optimizer.update(learning_rate=5e-4, warmup_steps=100, decay='cosine')
   c.ldm.batch_size = 64
   c.ldm.total_steps = 1200  # txt2img: 9 min on 2 CPU cores
   c.ldm.ema_decay = 0.999
-  c.ldm.train_schedule = train_schedule(log_every=50, checkpoint_every=400, eval_every=600)
+  c.ldm.train_schedule = train_schedule(log_every=50, checkpoint_every=400, eval_every=300)
   c.sampling.update(num_steps=50, batch_size=32)
-  c.eval.update(num_samples=256, num_reference=500, reference_split='validation')  # small N: FID biased upwards
+  c.eval.update(num_samples=256, num_reference=256, reference_split='validation')  # small N: FID biased upwards
   return c
 
 

@@ -26,6 +26,7 @@ from latent_diffusion.models import conditioning
 from latent_diffusion.models import unet as unet_lib
 from latent_diffusion.training import evaluate
 from latent_diffusion.training import loop
+from latent_diffusion.training import train_state
 from latent_diffusion.weights import inception as weights_inception
 
 
@@ -72,10 +73,15 @@ def _autoencoder(found, c):
   found.choice('autoencoder.model.kind', a.model.kind, autoencoder_models.KINDS)
   found.choice('autoencoder.loss.disc_loss', a.loss.disc_loss, tuple(autoencoder_losses.DISC_LOSSES))
   found.number('autoencoder.optimizer.learning_rate', a.optimizer.learning_rate, low=0, low_open=True)
+  found.choice('autoencoder.optimizer.decay', a.optimizer.decay, train_state.LR_DECAYS)
   found.number('autoencoder.ema_decay', a.ema_decay, low=0, high=1, high_open=True)
   found.number('autoencoder.total_steps', a.total_steps, low=0, integer=True)
   found.file('autoencoder.pretrained', a.pretrained)
   found.file('autoencoder.loss.lpips_weights', a.loss.lpips_weights)
+  found.number('autoencoder.model.norm_groups', a.model.norm_groups, low=1, integer=True)
+  for width in sorted({a.model.ch * m for m in a.model.ch_mult}):
+    found.divides('autoencoder.model.ch x ch_mult', width, a.model.norm_groups,
+                  'the GroupNorm groups, autoencoder.model.norm_groups')
   factor = 2 ** (len(a.model.ch_mult) - 1)
   found.divides('data.resolution', c.data.resolution, factor,
                 f"the first stage downsamples by {factor}; use a multiple of {factor} or another autoencoder")
@@ -98,6 +104,7 @@ def _ldm(found, c, latent_size):
   found.choice('ldm.conditioning.concat', cond.concat, concat_lib.KINDS)
   found.number('ldm.optimizer.learning_rate', opt.learning_rate, low=0, low_open=True)
   found.number('ldm.optimizer.warmup_steps', opt.warmup_steps, low=0, integer=True)
+  found.choice('ldm.optimizer.decay', opt.decay, train_state.LR_DECAYS)
   found.number('ldm.optimizer.weight_decay', opt.weight_decay, low=0)
   found.number('ldm.optimizer.grad_clip', opt.grad_clip, low=0)
   found.number('ldm.ema_decay', c.ldm.ema_decay, low=0, high=1, high_open=True)

@@ -22,6 +22,8 @@ IDENTITY_FIELDS = ('seed', 'data', 'autoencoder.name', 'autoencoder.model', 'aut
 MUTABLE_FIELDS = ('data.data_dir', 'data.prefetch', 'ldm.conditioning.vocab_file', 'ldm.conditioning.pretrained',
                   'ldm.unet.attention',
                   'ldm.unet.upcast_attention', 'ldm.unet.remat', 'ldm.unet.remat_policy', 'ldm.unet.dtype')
+# Identity fields added after workdirs were made, with the value that reproduces those runs.
+ADDED_FIELDS = {'autoencoder.model.norm_groups': 32}
 
 
 def flatten(tree, prefix=''):
@@ -57,9 +59,10 @@ def _is_identity(path):
 
 def incompatible_fields(old, new):
   """The identity fields whose values differ between two config dicts: [(path, old value, new value)]. A field
-  added since the old config was saved matches it when the new value is off ('', 0, False or ())."""
+  added since the old config was saved matches it when the new value is off ('', 0, False or ()) or the value
+  of ADDED_FIELDS that reproduces the old runs."""
   old, new = flatten(old), flatten(new)
-  added_off = lambda p: p not in old and new[p] in ('', 0, ())
+  added_off = lambda p: p not in old and (new[p] in ('', 0, ()) or ADDED_FIELDS.get(p, ()) == new[p])
   return [(p, old.get(p, '<absent>'), new.get(p, '<absent>')) for p in sorted(set(old) | set(new))
           if _is_identity(p) and old.get(p, '<absent>') != new.get(p, '<absent>') and not added_off(p)]
 

@@ -133,6 +133,7 @@ def main(workdir, tfds_dir, *overrides, config='txt2img'):
           '--config.autoencoder.eval.num_images=8', "--config.latents.splits=('validation',)",
           '--config.latents.examples_per_shard=800', '--config.latents.batch_size=200',
           '--config.ldm.unet.model_channels=32', '--config.ldm.unet.channel_mult=(1,)',
+          '--config.ldm.unet.attention_resolutions=(1,)',
           '--config.ldm.conditioning.depth=1', '--config.ldm.conditioning.width=32', '--config.ldm.batch_size=8',
           '--config.ldm.train_schedule.log_every=2', '--config.eval.num_samples=16',
           '--config.eval.num_reference=32', '--config.eval.batch_size=16', *overrides]

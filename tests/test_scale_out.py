@@ -27,6 +27,7 @@ TINY = ('--config.autoencoder.total_steps=2', '--config.autoencoder.batch_size=8
         '--config.autoencoder.eval.num_images=8', "--config.latents.splits=('validation',)",
         '--config.latents.examples_per_shard=800', '--config.latents.batch_size=200',
         '--config.ldm.unet.model_channels=64', '--config.ldm.unet.channel_mult=(1,)',
+        '--config.ldm.unet.attention_resolutions=(1,)',
         '--config.ldm.conditioning.depth=1', '--config.ldm.conditioning.width=32', '--config.ldm.batch_size=8',
         '--config.ldm.train_schedule.log_every=1', '--config.ldm.train_schedule.eval_every=0',
         '--config.ldm.train_schedule.checkpoint_every=3', '--config.ldm.train_schedule.keep_checkpoints=10',

@@ -26,6 +26,15 @@ def test_ema_decay_is_the_reference_warmup():
   np.testing.assert_allclose(train_state.ema_decay(10**6, 0.9999), 0.9999)
 
 
+def test_learning_rate_warms_up_then_stays_or_anneals_to_zero():
+  constant = train_state.learning_rate(2e-4, warmup_steps=10, decay='constant', total_steps=100)
+  np.testing.assert_allclose([constant(s) for s in (0, 5, 10, 99)], [0, 1e-4, 2e-4, 2e-4], rtol=1e-6)
+  assert train_state.learning_rate(2e-4, warmup_steps=0, decay='constant', total_steps=100) == 2e-4
+  cosine = train_state.learning_rate(2e-4, warmup_steps=10, decay='cosine', total_steps=110)
+  # After the warm-up, half-way through the remaining 100 steps the cosine is at half the peak, and 0 at the end.
+  np.testing.assert_allclose([cosine(s) for s in (5, 10, 60, 110)], [1e-4, 2e-4, 1e-4, 0], rtol=1e-5, atol=1e-12)
+
+
 def test_apply_gradients_updates_params_and_ema():
   params = {'w': jnp.ones(3)}
   state = train_state.TrainState.create(params, optax.sgd(0.5), ema_max_decay=0.9)
@@ -113,6 +122,16 @@ def test_training_resumes_exactly_and_writes_summaries(tmp_path):
   tflops = [v for _, v in scalars['perf/tflops_per_sec_per_device']]
   assert len(images) == 6 and min(images) > 0 and 'perf/mfu' not in scalars
   np.testing.assert_allclose(np.array(tflops) * 1e12, np.array(images) / 16 * 2 * 2 * 16 * 4 * 3 / 8, rtol=1e-6)
+
+
+def test_a_checkpoint_of_another_state_structure_is_refused_and_left_in_place(tmp_path):
+  mesh = parallel.create_mesh(dict(data=-1, fsdp=1, tensor=1))
+  run(tmp_path, 10, mesh)
+  # A learning-rate schedule adds a step count to the optimizer state: intact files of another config, not corrupt.
+  with pytest.raises(ValueError, match=r'checkpoints/10 holds a train state of another structure .*opt_state'):
+    run(tmp_path, 20, mesh, task=regression_task(lr=optax.constant_schedule(0.1)))
+  assert os.listdir(tmp_path / 'checkpoints') == ['10']
+  assert int(run(tmp_path, 20, mesh).step) == 20  # the original config resumes from it
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_checkpoints(tmp_path):

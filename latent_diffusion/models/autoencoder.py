@@ -22,11 +22,13 @@ class ResnetBlock(nn.Module):
   """norm -> swish -> conv -> norm -> swish -> dropout -> conv, plus a (1x1-projected) skip."""
   out_channels: int
   dropout: float = 0.0
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x, deterministic=True):
-    h = layers.conv(self.out_channels, name='conv1')(layers.swish(layers.group_norm(name='norm1')(x)))
-    h = layers.swish(layers.group_norm(name='norm2')(h))
+    norm = lambda name: layers.group_norm(self.norm_groups, name=name)
+    h = layers.conv(self.out_channels, name='conv1')(layers.swish(norm('norm1')(x)))
+    h = layers.swish(norm('norm2')(h))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     h = layers.conv(self.out_channels, name='conv2')(h)
     if x.shape[-1] != self.out_channels:
@@ -36,11 +38,12 @@ class ResnetBlock(nn.Module):
 
 class AttnBlock(nn.Module):
   """Single-head self-attention over all positions, 1x1 convs for q, k, v and the output projection."""
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = layers.group_norm(name='norm')(x)
+    y = layers.group_norm(self.norm_groups, name='norm')(x)
     q, k, v = (layers.conv(c, 1, padding=0, name=n)(y).reshape(b, h * w, 1, c) for n in ('q', 'k', 'v'))
     y = attention_lib.attention(q, k, v).reshape(b, h, w, c)
     return x + layers.conv(c, 1, padding=0, name='proj_out')(y)
@@ -63,11 +66,11 @@ class Upsample(nn.Module):
     return layers.conv(x.shape[-1], name='conv')(x)
 
 
-def _middle(x, channels, dropout, deterministic, attention):
-  x = ResnetBlock(channels, dropout, name='mid_block_1')(x, deterministic)
+def _middle(x, channels, dropout, deterministic, attention, groups):
+  x = ResnetBlock(channels, dropout, groups, name='mid_block_1')(x, deterministic)
   if attention:
-    x = AttnBlock(name='mid_attn_1')(x)
-  return ResnetBlock(channels, dropout, name='mid_block_2')(x, deterministic)
+    x = AttnBlock(groups, name='mid_attn_1')(x)
+  return ResnetBlock(channels, dropout, groups, name='mid_block_2')(x, deterministic)
 
 
 class Encoder(nn.Module):
@@ -80,19 +83,21 @@ class Encoder(nn.Module):
   double_z: bool = True
   dropout: float = 0.0
   mid_attention: bool = True
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x, deterministic=True):
     h = layers.conv(self.ch, name='conv_in')(x)
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
-        h = ResnetBlock(self.ch * mult, self.dropout, name=f'down_{level}_block_{i}')(h, deterministic)
+        h = ResnetBlock(self.ch * mult, self.dropout, self.norm_groups, name=f'down_{level}_block_{i}')(
+            h, deterministic)
         if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(name=f'down_{level}_attn_{i}')(h)
+          h = AttnBlock(self.norm_groups, name=f'down_{level}_attn_{i}')(h)
       if level != len(self.ch_mult) - 1:
         h = Downsample(name=f'down_{level}_downsample')(h)
-    h = _middle(h, h.shape[-1], self.dropout, deterministic, self.mid_attention)
-    h = layers.swish(layers.group_norm(name='norm_out')(h))
+    h = _middle(h, h.shape[-1], self.dropout, deterministic, self.mid_attention, self.norm_groups)
+    h = layers.swish(layers.group_norm(self.norm_groups, name='norm_out')(h))
     return layers.conv(2 * self.z_channels if self.double_z else self.z_channels, name='conv_out')(h)
 
 
@@ -105,19 +110,21 @@ class Decoder(nn.Module):
   out_ch: int = 3
   dropout: float = 0.0
   mid_attention: bool = True
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, z, deterministic=True):
     h = layers.conv(self.ch * self.ch_mult[-1], name='conv_in')(z)
-    h = _middle(h, h.shape[-1], self.dropout, deterministic, self.mid_attention)
+    h = _middle(h, h.shape[-1], self.dropout, deterministic, self.mid_attention, self.norm_groups)
     for level in reversed(range(len(self.ch_mult))):
       for i in range(self.num_res_blocks + 1):
-        h = ResnetBlock(self.ch * self.ch_mult[level], self.dropout, name=f'up_{level}_block_{i}')(h, deterministic)
+        h = ResnetBlock(self.ch * self.ch_mult[level], self.dropout, self.norm_groups,
+                        name=f'up_{level}_block_{i}')(h, deterministic)
         if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(name=f'up_{level}_attn_{i}')(h)
+          h = AttnBlock(self.norm_groups, name=f'up_{level}_attn_{i}')(h)
       if level != 0:
         h = Upsample(name=f'up_{level}_upsample')(h)
-    h = layers.swish(layers.group_norm(name='norm_out')(h))
+    h = layers.swish(layers.group_norm(self.norm_groups, name='norm_out')(h))
     return layers.conv(self.out_ch, name='conv_out')(h)
 
 
@@ -193,10 +200,11 @@ class _Autoencoder(nn.Module):
   z_channels: int
   embed_dim: int
   dropout: float = 0.0
+  norm_groups: int = 32  # the reference's; fewer keep its channels per group at a smoke width
 
   def _encoder_decoder(self, double_z):
     arch = dict(ch=self.ch, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
-                attn_resolutions=self.attn_resolutions, dropout=self.dropout)
+                attn_resolutions=self.attn_resolutions, dropout=self.dropout, norm_groups=self.norm_groups)
     return Encoder(z_channels=self.z_channels, double_z=double_z, **arch), Decoder(**arch)
 
 
@@ -254,7 +262,7 @@ def create_autoencoder(model_config):
   """`AutoencoderKL` or `VQModel` from the `autoencoder.model` config section."""
   arch = dict(ch=model_config.ch, ch_mult=tuple(model_config.ch_mult), num_res_blocks=model_config.num_res_blocks,
               attn_resolutions=tuple(model_config.attn_resolutions), z_channels=model_config.z_channels,
-              embed_dim=model_config.embed_dim, dropout=model_config.dropout)
+              embed_dim=model_config.embed_dim, dropout=model_config.dropout, norm_groups=model_config.norm_groups)
   if model_config.kind == 'kl':
     return AutoencoderKL(**arch)
   if model_config.kind == 'vq':

@@ -58,12 +58,14 @@ def load_lpips(loss_config):
   return lpips_weights.load(loss_config.lpips_weights)
 
 
-def _optimizer(opt_config):
-  return optax.adam(opt_config.learning_rate, b1=opt_config.b1, b2=opt_config.b2)
+def _optimizer(opt_config, total_steps):
+  learning_rate = train_state.learning_rate(opt_config.learning_rate, warmup_steps=0, decay=opt_config.decay,
+                                            total_steps=total_steps)
+  return optax.adam(learning_rate, b1=opt_config.b1, b2=opt_config.b2)
 
 
 def make_init(config, model, discriminator, image_shape):
-  g_tx, d_tx = _optimizer(config.autoencoder.optimizer), _optimizer(config.autoencoder.optimizer)
+  g_tx, d_tx = (_optimizer(config.autoencoder.optimizer, config.autoencoder.total_steps) for _ in range(2))
 
   def init(rng):
     ae_rng, sample_rng, d_rng = jax.random.split(rng, 3)

@@ -63,6 +63,13 @@ class Checkpointer:
         restored, _ = self.restore(step, state, shardings)
         return restored, step
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
+        if _is_structure_mismatch(e):  # intact files of another config: refuse, and leave them in place
+          difference = ' '.join(line.strip() for line in str(e).splitlines()[1:4])
+          raise ValueError(
+              f'Checkpoint {self.directory}/{step} holds a train state of another structure than this config '
+              f'builds ({difference}): a field that shapes the state changed (an optimizer\'s '
+              'decay, EMA on or off, the discriminator switched on by total_steps > disc_start). Use the config '
+              'the run was made with (WORKDIR/config.json) or a new workdir.') from e
         aside = epath.Path(self.directory) / f'{step}.corrupt'
         logging.warning('Checkpoint %s/%d cannot be read (%s: %s); moving it to %s and using the previous one.',
                         self.directory, step, type(e).__name__, str(e)[:300], aside)
@@ -78,6 +85,11 @@ class Checkpointer:
 
   def close(self):
     self._manager.close()
+
+
+def _is_structure_mismatch(error):
+  """Whether orbax refused a restore because the checkpoint's tree differs from the target's, not for bad files."""
+  return isinstance(error, ValueError) and 'tree structures do not match' in str(error)
 
 
 def restore_newest(directory, init, mesh, stage, step=None):

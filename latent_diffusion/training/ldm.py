@@ -102,8 +102,9 @@ def sample_latent(latent, kind, rng):
   return mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * jax.random.normal(rng, mean.shape)
 
 
-def optimizer(opt_config):
-  learning_rate = optax.linear_schedule(0.0, opt_config.learning_rate, max(opt_config.warmup_steps, 1))
+def optimizer(opt_config, total_steps):
+  learning_rate = train_state.learning_rate(opt_config.learning_rate, warmup_steps=opt_config.warmup_steps,
+                                            decay=opt_config.decay, total_steps=total_steps)
   return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip),
                      optax.adamw(learning_rate, weight_decay=opt_config.weight_decay))
 
@@ -115,7 +116,7 @@ def create(config, metadata):
   concat_channels = concat_lib.num_channels(ldm.conditioning.concat, shape[-1], ldm.conditioning.segmentation_classes)
   unet = unet_lib.create_unet(ldm.unet, out_channels=shape[-1])
   conditioner = Conditioner(ldm.conditioning)
-  tx = optimizer(ldm.optimizer)
+  tx = optimizer(ldm.optimizer, ldm.total_steps)
 
   def init(rng):
     unet_rng, cond_rng = jax.random.split(rng)

@@ -7,6 +7,19 @@ import jax
 import optax
 
 
+# After a linear warm-up the learning rate stays ('constant', the reference's) or follows a cosine to 0 at the
+# stage's total_steps ('cosine', an addition: short runs end better annealed).
+LR_DECAYS = ('constant', 'cosine')
+
+
+def learning_rate(peak, *, warmup_steps, decay, total_steps):
+  """The optax schedule of a stage's optimizer config."""
+  warmup = max(warmup_steps, 1)
+  if decay == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
+  return optax.linear_schedule(0.0, peak, warmup) if warmup_steps else peak
+
+
 def ema_decay(num_updates, max_decay):
   """The reference EMA decay with warm-up: min(decay, (1 + n) / (10 + n)) for the n-th update (n >= 1)."""
   return jax.numpy.minimum(max_decay, (1.0 + num_updates) / (10.0 + num_updates))
