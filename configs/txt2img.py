@@ -55,7 +55,7 @@ def get_config(arg=None):
     # No transformer layers: in 1200 steps a jointly trained layer copies the colour word into every token,
     # padding included, and the UNet reads that average, never the position words (swapping them left its loss
     # unchanged, and 19% of objects at the right place); with token + position embeddings alone each word keeps
-    # its token, and the UNet's cross-attention learns where to look (49%).
+    # its token, and the UNet's cross-attention learns where to look (49%; 85% with shrink_for_smoke's recipe).
     c.ldm.conditioning.update(tokenizer='wordpiece', vocab_file=captioned_shapes.VOCAB_FILE, max_length=24,
                               depth=0)
     c.sampling.update(guidance_scales=(3.0,), prompts=SMOKE_PROMPTS)
