@@ -350,6 +350,7 @@ def test_warm_start_imports_the_unet_into_its_own_buffers(tmp_path):
                  cross_attention_dim=128, in_channels=3, out_channels=3,
                  down_block_types=('CrossAttnDownBlock2D',) * 2, up_block_types=('CrossAttnUpBlock2D',) * 2)
   config = txt2img.get_config('smoke')
+  config.ldm.unet.attention_resolutions = (1, 2)  # cross-attention on both levels, as the saved UNet
   config.ldm.init_from = str(tmp_path)
   mesh = parallel.create_mesh(config.mesh)
   _, _, init = ldm.create(config, {'shape': [8, 8, 6], 'kind': 'kl', 'scale_factor': 1.0})
