@@ -23,14 +23,17 @@ def get_config(arg=None):
   c.data = config_lib.data('coco/2017', 256, objects_key='objects', max_objects=30)
   c.autoencoder = config_lib.autoencoder(arg.ae or 'vq-f4', smoke=arg.smoke)
   # Layouts to sample come from the stored validation examples.
-  c.latents = config_lib.latents(splits=('train', 'validation'))
-  # Channels, steps and the 16-layer, 512-wide layout transformer over 30 objects (90 tokens): our settings (the
-  # paper gives the first stage and the conditioning).
+  c.latents = config_lib.latents(splits=('train', 'validation'),
+                                 scale_factor=config_lib.reference_scale(c.autoencoder.name))
+  # The reference layout2img-openimages256: its UNet, and its BERTEmbedder (16 layers, 512 wide, 8 heads of 64,
+  # q/k/v without bias, 8192 embedding rows, 92 positions) over 30 objects as 90 tokens.
   c.ldm = config_lib.ldm(
       unet=dict(model_channels=128, channel_mult=(1, 2, 3, 4), attention_resolutions=(8, 4, 2),
                 num_head_channels=32, transformer_depth=3),
-      conditioning=dict(kind='layout', num_classes=80, layout_grid=64, max_length=90, width=512, depth=16),
-      learning_rate=1e-4, batch_size=256, total_steps=200_000)
+      conditioning=dict(kind='layout', num_classes=80, layout_grid=64, max_length=92, width=512, depth=16,
+                        head_dim=64, qkv_bias=False, vocab_size=8192),
+      schedule='inpainting', learning_rate=2e-6 * 24, batch_size=24, total_steps=200_000)  # the steps: ours
+  c.ldm.loss = 'l1'
   c.sampling = config_lib.sampling(num_steps=100, guidance_scales=(1.5,), condition_indices=tuple(range(8)))
   c.eval = config_lib.evaluation(10_000)
   c.mesh = config_lib.mesh()

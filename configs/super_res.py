@@ -21,11 +21,12 @@ def get_config(arg=None):
   c.data = config_lib.data('imagenet2012', 256, random_flip=True)
   c.autoencoder = config_lib.autoencoder(arg.ae or 'vq-f4', smoke=arg.smoke)
   # Conditions for sampling come from the stored validation examples.
-  c.latents = config_lib.latents(splits=('train', 'validation'))
-  c.ldm = config_lib.ldm(  # channels and steps: ours (the paper gives the first stage and the conditioning)
+  c.latents = config_lib.latents(splits=('train', 'validation'),
+                                 scale_factor=config_lib.reference_scale(c.autoencoder.name))
+  c.ldm = config_lib.ldm(  # the reference bsr_sr (its base rate 1e-6 x batch 64); the steps are ours
       unet=dict(model_channels=160, channel_mult=(1, 2, 2, 4), attention_resolutions=(16, 8),
-                num_head_channels=32),
-      conditioning=dict(kind='none', concat='low_res'), learning_rate=1e-4, batch_size=256,
+                num_head_channels=32, use_spatial_transformer=False),
+      conditioning=dict(kind='none', concat='low_res'), schedule='low', learning_rate=1e-6 * 64, batch_size=64,
       total_steps=200_000)
   c.sampling = config_lib.sampling(num_steps=100, condition_indices=tuple(range(8)))
   c.eval = config_lib.evaluation(50_000)

@@ -37,11 +37,15 @@ def get_config(arg=None):
   c.autoencoder = config_lib.autoencoder(arg.ae or ('kl-f4' if arg.smoke else 'kl-f8'), smoke=arg.smoke)
   # The latent store: posterior moments of every training image, encoded once by the frozen stage 1.
   c.latents = config_lib.latents(scale_factor=0.18215)  # the paper's scale for KL-f8; 0 measures 1/std(z)
-  # The paper's BERTEmbedder role: a transformer trained jointly with the UNet; its width is the context dim.
+  # The paper's BERTEmbedder: a transformer trained jointly with the UNet (x-transformers' layout: 8 heads of 64,
+  # q/k/v without bias, BERT's 30522-token table); its width is the context dim. The zoo's checkpoint reads
+  # bert-base-uncased WordPiece ids: set tokenizer='wordpiece' and vocab_file to that vocab.txt.
   c.ldm = config_lib.ldm(
       unet=dict(model_channels=320, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2, 1), num_heads=8),
-      conditioning=dict(kind='text', tokenizer='bytes', max_length=77, width=1280, depth=32, num_heads=8),
-      schedule='txt2img', learning_rate=1e-4, batch_size=680, total_steps=390_000)
+      conditioning=dict(kind='text', tokenizer='bytes', max_length=77, width=1280, depth=32, num_heads=8,
+                        head_dim=64, qkv_bias=False, vocab_size=30522),
+      schedule='txt2img', learning_rate=1e-4, batch_size=680, total_steps=390_000)  # the paper's batch, rate, steps
+  c.ldm.ema_decay = 0.0  # the reference's use_ema: False
   c.sampling = config_lib.sampling(
       num_steps=250, guidance_scales=(1.5,),
       prompts=('a large red circle in the center',

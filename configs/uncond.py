@@ -19,10 +19,10 @@ def get_config(arg=None):
   c.seed = 0
   c.data = config_lib.data('celeb_a_hq/256', 256, random_flip=True)
   c.autoencoder = config_lib.autoencoder(arg.ae or 'vq-f4', smoke=arg.smoke)
-  c.latents = config_lib.latents()
+  c.latents = config_lib.latents(scale_factor=config_lib.reference_scale(c.autoencoder.name))
   c.ldm = config_lib.ldm(
       unet=dict(model_channels=224, channel_mult=(1, 2, 3, 4), attention_resolutions=(8, 4, 2),
-                num_head_channels=32),
+                num_head_channels=32, use_spatial_transformer=False),
       conditioning=dict(kind='none'), learning_rate=2e-6 * 48, batch_size=48, total_steps=410_000)
   c.sampling = config_lib.sampling(num_steps=200, seeds=tuple(range(16)))
   c.eval = config_lib.evaluation(50_000, reference_split='train', num_reference=50_000)

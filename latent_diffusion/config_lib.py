@@ -13,6 +13,8 @@ AUTOENCODERS = {
     'kl-f16': dict(kind='kl', ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,), z_channels=16),
     'kl-f32': dict(kind='kl', ch_mult=(1, 1, 2, 2, 4, 4), attn_resolutions=(16, 8), z_channels=64),
     'vq-f4': dict(kind='vq', ch_mult=(1, 2, 4), attn_resolutions=(), z_channels=3, n_embed=8192),
+    'vq-f4-noattn': dict(kind='vq', ch_mult=(1, 2, 4), attn_resolutions=(), z_channels=3, n_embed=8192,
+                         mid_attention=False),  # inpainting_big's first stage
     'vq-f8': dict(kind='vq', ch_mult=(1, 2, 2, 4), attn_resolutions=(32,), z_channels=4, n_embed=16384),
     'vq-f16': dict(kind='vq', ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,), z_channels=8, n_embed=16384),
 }
@@ -22,6 +24,7 @@ AUTOENCODER_LOSSES = {
     'kl-f16': dict(disc_start=50001, disc_weight=0.5, kl_weight=1e-6),
     'kl-f32': dict(disc_start=50001, disc_weight=0.5, kl_weight=1e-6),
     'vq-f4': dict(disc_start=0, disc_weight=0.75, codebook_weight=1.0),
+    'vq-f4-noattn': dict(disc_start=0, disc_weight=0.75, codebook_weight=1.0),
     'vq-f8': dict(disc_start=1, disc_weight=0.6, codebook_weight=1.0),
     'vq-f16': dict(disc_start=250001, disc_weight=0.75, codebook_weight=1.0),
 }
@@ -62,12 +65,15 @@ def autoencoder(name, *, smoke=False):
   c.model = ml_collections.ConfigDict(dict(
       kind=arch['kind'], ch=128, ch_mult=arch['ch_mult'], num_res_blocks=2,
       attn_resolutions=arch['attn_resolutions'], z_channels=arch['z_channels'],
-      embed_dim=arch['z_channels'], n_embed=arch.get('n_embed', 0), l2_normalize=False, dropout=0.0, norm_groups=32))
+      embed_dim=arch['z_channels'], n_embed=arch.get('n_embed', 0), l2_normalize=False, dropout=0.0, norm_groups=32,
+      # The image size attn_resolutions refer to (the zoo's 256): larger or smaller inputs run the same blocks.
+      resolution=256, mid_attention=arch.get('mid_attention', True)))
   c.loss = ml_collections.ConfigDict(dict(
       perceptual_weight=1.0, lpips_weights='', disc_weight=0.0, disc_start=0, kl_weight=0.0, codebook_weight=0.0,
       disc_loss='hinge', disc_ndf=64, disc_num_layers=3))
   c.loss.update(AUTOENCODER_LOSSES[name])
-  c.optimizer = ml_collections.ConfigDict(dict(learning_rate=4.5e-6, b1=0.5, b2=0.9, decay='constant'))
+  # The rate applied: the reference's base rate 4.5e-6 x the batch (its scale_lr, one GPU, no accumulation).
+  c.optimizer = ml_collections.ConfigDict(dict(learning_rate=4.5e-6 * 12, b1=0.5, b2=0.9, decay='constant'))
   c.batch_size = 12
   c.total_steps = 200_000
   c.ema_decay = 0.0
@@ -78,7 +84,7 @@ def autoencoder(name, *, smoke=False):
     # the decoder loses a flat background's tint; norm_groups=8 (the reference's 4 channels a group) with halved
     # deeper multipliers and a cosine decay reached 26.7 dB in 5.8 min, but the ldm trained on its latents placed
     # objects worse (colour_position 0.36 against 0.85 on these latents), so the smoke keeps this first stage.
-    c.model.update(ch=32, num_res_blocks=1, attn_resolutions=())
+    c.model.update(ch=32, num_res_blocks=1, attn_resolutions=(), resolution=32)
     c.model.n_embed = min(c.model.n_embed, 256)
     c.loss.update(perceptual_weight=0.0, disc_start=10**9)
     c.optimizer.learning_rate = 4e-4
@@ -90,8 +96,16 @@ def autoencoder(name, *, smoke=False):
   return c
 
 
-# The reference's "linear" schedule ends (betas = linspace(sqrt(b0), sqrt(b1), T)^2) per model family.
-SCHEDULE_ENDS = {'txt2img': (0.00085, 0.012), 'default': (0.0015, 0.0195), 'inpainting': (0.0015, 0.0205)}
+# The reference's "linear" schedule ends (betas = linspace(sqrt(b0), sqrt(b1), T)^2) per model family; 'low'
+# is bsr_sr's and lsun_churches'.
+SCHEDULE_ENDS = {'txt2img': (0.00085, 0.012), 'default': (0.0015, 0.0195), 'inpainting': (0.0015, 0.0205),
+                 'low': (0.0015, 0.0155)}
+
+
+def reference_scale(ae_name):
+  """The reference's latent scale for a first stage: 1.0 for VQ (every VQ model of the zoo), 0.0 for KL
+  (measured as 1/std(z), its scale_by_std)."""
+  return 1.0 if AUTOENCODERS[ae_name]['kind'] == 'vq' else 0.0
 
 
 def latents(**overrides):
@@ -102,13 +116,13 @@ def latents(**overrides):
   return c
 
 
-def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, total_steps, warmup_steps=10_000):
+def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, total_steps, **optimizer):
   """The `ldm` section: UNet, conditioning encoder, noise schedule, objective, optimizer, EMA and steps."""
   c = ml_collections.ConfigDict()
   c.unet = ml_collections.ConfigDict(dict(
       model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(4, 2, 1),
-      num_heads=8, num_head_channels=-1, transformer_depth=1, dropout=0.0, use_scale_shift_norm=False,
-      resblock_updown=False,
+      num_heads=8, num_head_channels=-1, transformer_depth=1, use_spatial_transformer=True,
+      use_new_attention_order=False, dropout=0.0, use_scale_shift_norm=False, resblock_updown=False,
       # How it runs, not what it is (may change between restarts): models/attention.py's implementations,
       # attention in float32 under a lower compute dtype (SD 2.1), the blocks recomputed in the backward pass
       # ('', 'all', or a comma list of 'resblock', 'transformer') and what they keep (a jax.checkpoint_policies
@@ -118,10 +132,14 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
   # kind: 'text' (trained with the UNet), 'clip' (frozen, from the Stable Diffusion or CLIPTextModel folder
   # `pretrained`), 'class', 'layout' (object boxes and classes as tokens on a `layout_grid` of corner positions,
   # read by a transformer like text) or 'none'; concat: '', 'low_res' (super-resolution), 'inpainting' or
-  # 'segmentation' (a map of `segmentation_classes` classes, as class fractions at the latent size).
+  # 'segmentation' (a map of `segmentation_classes` classes, as class fractions at the latent size, mapped to
+  # `segmentation_map_channels` by a learned 1x1 conv when > 0, the reference's SpatialRescaler).
+  # The trained transformer of 'text' and 'layout': `vocab_size` embedding rows (0: the tokenizer's), `num_heads`
+  # of `head_dim` (0: width / num_heads) and q/k/v with or without bias (the reference BERTEmbedder: 64, none).
   c.conditioning = ml_collections.ConfigDict(dict(
       kind='none', tokenizer='bytes', vocab_file='', pretrained='', max_length=77, width=512, depth=0,
-      num_heads=8, num_classes=0, layout_grid=0, concat='', segmentation_classes=0))
+      num_heads=8, head_dim=0, qkv_bias=True, vocab_size=0, num_classes=0, layout_grid=0, concat='',
+      segmentation_classes=0, segmentation_map_channels=0))
   c.conditioning.update(conditioning)
   c.init_from = ''  # UNet weights to start from (fine-tuning): a diffusers folder or a CompVis LDM checkpoint
   beta_start, beta_end = SCHEDULE_ENDS[schedule]
@@ -131,14 +149,19 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
   c.loss = 'l2'
   c.min_snr_gamma = 0.0  # > 0: min-SNR loss weighting (Hang et al. 2023), an addition
   c.p_uncond = 0.1 if c.conditioning.kind != 'none' else 0.0  # condition dropout for classifier-free guidance
+  # The reference's: AdamW (torch's weight decay 0.01), no warm-up, no clipping. `learning_rate` is the rate
+  # applied: the reference's base_learning_rate x batch size where it scales it (scale_lr, one GPU).
   c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=learning_rate, warmup_steps=warmup_steps, decay='constant', weight_decay=0.0, grad_clip=1.0))
+      learning_rate=learning_rate, warmup_steps=0, warmup_from=0.0, decay='constant', decay_steps=0, decay_to=0.0,
+      weight_decay=0.01, grad_clip=0.0))
+  c.optimizer.update(optimizer)
   c.batch_size = batch_size
   # 0: the whole latent store in host memory, shuffled as one; N: stream it N shards at a time (stores larger
   # than memory), shuffling the shard order and the examples within each window.
   c.shuffle_window_shards = 0
   c.total_steps = total_steps
-  c.ema_decay = 0.9999
+  c.ema_decay = 0.9999  # 0: no EMA (the reference's use_ema: False)
+  c.ema_cond = False  # EMA over a trained conditioning encoder too (the reference keeps EMA of the UNet only)
   c.train_schedule = train_schedule(log_every=100, checkpoint_every=5000, eval_every=20_000)
   return c
 
@@ -166,14 +189,16 @@ def shrink_for_smoke(c):
   # The smoke recipe: SpatialTransformers on the 4x4 level only (8x8 latents; the 8x8 ones took 36% of the step),
   # min-SNR weighting (gamma 5: layout is decided at high noise) and a cosine decay (a short run ends annealed).
   # With the three, the txt2img samples put 0.85 of the objects in the prompted colour and place, against 0.49.
+  # It was measured with AdamW without weight decay, clipping at 1 and EMA over the text embeddings too.
   c.ldm.unet.update(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                     num_heads=4, num_head_channels=-1)
-  c.ldm.conditioning.update(width=128, num_heads=4)
+  c.ldm.conditioning.update(width=128, num_heads=4, head_dim=0, qkv_bias=True, vocab_size=0)
   c.ldm.min_snr_gamma = 5.0
-  c.ldm.optimizer.update(learning_rate=5e-4, warmup_steps=100, decay='cosine')
+  c.ldm.optimizer.update(learning_rate=5e-4, warmup_steps=100, decay='cosine', weight_decay=0.0, grad_clip=1.0)
   c.ldm.batch_size = 64
   c.ldm.total_steps = 1200  # txt2img: 7 min on 2 CPU cores (3.0 steps/s)
   c.ldm.ema_decay = 0.999
+  c.ldm.ema_cond = True
   c.ldm.train_schedule = train_schedule(log_every=50, checkpoint_every=400, eval_every=300)
   c.sampling.update(num_steps=50, batch_size=32)
   c.eval.update(num_samples=256, num_reference=256, reference_split='validation')  # small N: FID biased upwards

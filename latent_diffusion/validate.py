@@ -82,6 +82,12 @@ def _autoencoder(found, c):
   for width in sorted({a.model.ch * m for m in a.model.ch_mult}):
     found.divides('autoencoder.model.ch x ch_mult', width, a.model.norm_groups,
                   'the GroupNorm groups, autoencoder.model.norm_groups')
+  levels = [a.model.resolution // 2**level for level in range(len(a.model.ch_mult))]
+  unplaced = sorted(set(a.model.attn_resolutions) - set(levels))
+  if unplaced:
+    found.append(f'autoencoder.model.attn_resolutions={tuple(a.model.attn_resolutions)}: {unplaced} name no level '
+                 f'of a first stage for autoencoder.model.resolution={a.model.resolution} (its feature sizes: '
+                 f'{levels}); choose among those.')
   factor = 2 ** (len(a.model.ch_mult) - 1)
   found.divides('data.resolution', c.data.resolution, factor,
                 f"the first stage downsamples by {factor}; use a multiple of {factor} or another autoencoder")
@@ -107,6 +113,9 @@ def _ldm(found, c, latent_size):
   found.choice('ldm.optimizer.decay', opt.decay, train_state.LR_DECAYS)
   found.number('ldm.optimizer.weight_decay', opt.weight_decay, low=0)
   found.number('ldm.optimizer.grad_clip', opt.grad_clip, low=0)
+  found.number('ldm.optimizer.warmup_from', opt.warmup_from, low=0, high=1)
+  found.number('ldm.optimizer.decay_steps', opt.decay_steps, low=0, integer=True)
+  found.number('ldm.optimizer.decay_to', opt.decay_to, low=0, high=1)
   found.number('ldm.ema_decay', c.ldm.ema_decay, low=0, high=1, high_open=True)
   found.number('ldm.p_uncond', c.ldm.p_uncond, low=0, high=1, high_open=True)
   found.number('ldm.min_snr_gamma', c.ldm.min_snr_gamma, low=0)
@@ -131,9 +140,13 @@ def _conditioning(found, c):
   cond = c.ldm.conditioning
   if cond.kind in ('text', 'layout'):
     found.number('ldm.conditioning.max_length', cond.max_length, low=1, integer=True)
+    found.number('ldm.conditioning.vocab_size', cond.vocab_size, low=0, integer=True)
+    found.number('ldm.conditioning.head_dim', cond.head_dim, low=0, integer=True)
     if cond.depth:
       found.number('ldm.conditioning.num_heads', cond.num_heads, low=1, integer=True)
-      found.divides('ldm.conditioning.width', cond.width, cond.num_heads, 'ldm.conditioning.num_heads')
+      if not cond.head_dim:
+        found.divides('ldm.conditioning.width', cond.width, cond.num_heads, 'ldm.conditioning.num_heads, or set '
+                      'ldm.conditioning.head_dim')
   if cond.kind == 'text':
     found.choice('ldm.conditioning.tokenizer', cond.tokenizer, conditioning.TOKENIZERS)
     if cond.tokenizer == 'wordpiece' and not cond.vocab_file:
@@ -152,6 +165,13 @@ def _conditioning(found, c):
     found.append("ldm.conditioning.concat='segmentation' needs data.segmentation_key (the class-id map).")
   if cond.concat in concat_lib.KINDS:
     found.guard(lambda: concat_lib.num_channels(cond.concat, 0, cond.segmentation_classes))
+  found.number('ldm.conditioning.segmentation_map_channels', cond.segmentation_map_channels, low=0, integer=True)
+  if cond.segmentation_map_channels and cond.concat != 'segmentation':
+    found.append(f'ldm.conditioning.segmentation_map_channels={cond.segmentation_map_channels} maps a segmentation '
+                 "map, but ldm.conditioning.concat is not 'segmentation'; set it to 0.")
+  if not c.ldm.unet.use_spatial_transformer and cond.kind != 'none':
+    found.append(f"ldm.unet.use_spatial_transformer=False has no cross-attention for ldm.conditioning.kind="
+                 f"'{cond.kind}'; set it to True or the kind to 'none'.")
 
 
 def _sampling(found, c):

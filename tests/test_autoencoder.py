@@ -20,7 +20,7 @@ from latent_diffusion.training import autoencoder as stage
 def test_latent_shapes_of_every_paper_variant(name):
   config = config_lib.autoencoder(name)
   model = autoencoder_lib.create_autoencoder(config.model)
-  factor = int(name.split('-f')[1])
+  factor = int(name.split('-')[1][1:])
   x = jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape), jax.random.PRNGKey(1)))
   latent = jax.eval_shape(lambda v, x: model.apply(v, x, method='encode'), variables, x)
@@ -28,6 +28,30 @@ def test_latent_shapes_of_every_paper_variant(name):
   assert latent.shape == (2, 256 // factor, 256 // factor, channels)
   z = jax.ShapeDtypeStruct((2, 256 // factor, 256 // factor, config.model.embed_dim), jnp.float32)
   assert jax.eval_shape(lambda v, z: model.apply(v, z, method='decode'), variables, z).shape == x.shape
+
+
+@pytest.mark.parametrize('scale', [2, 0.5])
+def test_attention_is_placed_by_the_configured_resolution(scale):
+  """kl-f16's first stage (attention at 16 of 256: its third level) trained at 64 px keeps running its attention
+  blocks on latents twice and half the training size, as the reference (curr_res) does: altering any attention
+  block's params changes the decoded image."""
+  model_config = config_lib.autoencoder('kl-f16').model
+  model_config.update(ch=32, num_res_blocks=1, resolution=64)  # attention where the features are 16: level 2
+  model = autoencoder_lib.create_autoencoder(model_config)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jax.random.PRNGKey(1))['params']
+  attention = sorted(k for k in params['decoder'] if k.startswith('up_') and '_attn_' in k)
+  assert attention == ['up_2_attn_0', 'up_2_attn_1']
+  size = int(64 // 16 * scale)
+  z = jax.random.normal(jax.random.PRNGKey(2), (1, size, size, model_config.embed_dim))
+  decode = lambda p: np.asarray(model.apply({'params': p}, z, method='decode'))
+  image = decode(params)
+  assert image.shape == (1, 16 * size, 16 * size, 3)
+  for name in attention:
+    altered = jax.tree.map(lambda x: x, params)
+    altered['decoder'] = {**params['decoder'], name: jax.tree.map(lambda w: w * 3.0 + 0.1, params['decoder'][name])}
+    assert np.abs(decode(altered) - image).max() > 1e-3, name
+  x = jax.random.uniform(jax.random.PRNGKey(3), (1, 16 * size, 16 * size, 3), minval=-1, maxval=1)
+  assert model.apply({'params': params}, x, method='encode').shape == (1, size, size, 2 * model_config.embed_dim)
 
 
 def test_diagonal_gaussian_kl_matches_torch_distributions():

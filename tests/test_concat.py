@@ -45,7 +45,7 @@ def test_condition_scales_the_masked_latent_and_guidance_repeats_it():
 
 
 @pytest.mark.parametrize('config_module, in_channels', [(super_res, 3 + 3), (inpainting, 3 + 3 + 1),
-                                                        (semantic, 3 + 4)])
+                                                        (semantic, 3 + 3)])
 def test_concat_models_take_the_paper_s_input_channels(config_module, in_channels):
   config = config_module.get_config('smoke')
   metadata = {'shape': [8, 8, 3], 'kind': 'vq', 'scale_factor': 1.0}
@@ -53,6 +53,9 @@ def test_concat_models_take_the_paper_s_input_channels(config_module, in_channel
   state = jax.eval_shape(init, jax.random.PRNGKey(0))
   kernel = state.params['unet']['conv_in']['kernel']
   assert getattr(kernel, 'value', kernel).shape[2] == in_channels
+  if config_module is semantic:  # the 4 class fractions pass SpatialRescaler's bias-free 1x1 map to 3 channels
+    mapper = state.params['unet']['segmentation_map']
+    assert set(mapper) == {'kernel'} and getattr(mapper['kernel'], 'value', mapper['kernel']).shape == (1, 1, 4, 3)
 
 
 def test_segmentation_condition_is_the_class_fractions_of_each_latent_block():

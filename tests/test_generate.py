@@ -63,8 +63,9 @@ def test_prompt_file_replaces_prompts_and_a_missing_one_is_named(tmp_path):
     generate.requests_from_config(tiny_config(prompt_file=str(tmp_path / 'missing.txt')).sampling, 'text')
 
 
-def test_each_image_depends_on_its_own_seed_and_prompt_only_and_scales_share_one_program():
-  config = tiny_config()
+@pytest.mark.parametrize('eta', [0.0, 1.0])  # 1: fresh noise every step, from each image's seed
+def test_each_image_depends_on_its_own_seed_and_prompt_only_and_scales_share_one_program(eta):
+  config = tiny_config(eta=eta)
   mesh = parallel.create_mesh(config.mesh)
   generator, params = make_generator(config, mesh)
   requests = generate.requests_from_config(config.sampling, 'text')

@@ -125,13 +125,15 @@ def test_config_arguments():
 @pytest.mark.parametrize('name', sorted(config_lib.AUTOENCODERS))
 def test_autoencoder_table_matches_the_paper(name):
   c = config_lib.autoencoder(name)
-  factor = int(name.split('-f')[1])
+  factor = int(name.split('-')[1][1:])
   assert 2 ** (len(c.model.ch_mult) - 1) == factor
-  assert (c.model.ch, c.model.num_res_blocks, c.model.dropout) == (128, 2, 0.0)
-  expected = {'kl-f4': 3, 'kl-f8': 4, 'kl-f16': 16, 'kl-f32': 64, 'vq-f4': 3, 'vq-f8': 4, 'vq-f16': 8}
+  assert (c.model.ch, c.model.num_res_blocks, c.model.dropout, c.model.resolution) == (128, 2, 0.0, 256)
+  expected = {'kl-f4': 3, 'kl-f8': 4, 'kl-f16': 16, 'kl-f32': 64, 'vq-f4': 3, 'vq-f4-noattn': 3, 'vq-f8': 4,
+              'vq-f16': 8}
   assert c.model.z_channels == expected[name]
+  assert c.model.mid_attention == (name != 'vq-f4-noattn')
   if name.startswith('vq'):
-    assert c.model.n_embed == (8192 if name == 'vq-f4' else 16384)
+    assert c.model.n_embed == (8192 if name.startswith('vq-f4') else 16384)
   else:
     assert (c.loss.disc_start, c.loss.disc_weight, c.loss.kl_weight) == (50001, 0.5, 1e-6)
 

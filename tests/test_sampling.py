@@ -94,6 +94,36 @@ def test_ddim_matches_diffusers_step_by_step(num_steps, guidance_scale):
     assert np.abs(np.asarray(ours[k]) - x.numpy()).max() <= 1e-5 * scale, k
 
 
+@pytest.mark.parametrize('num_steps', [1000, 50])
+def test_ddpm_matches_diffusers_step_by_step(num_steps, monkeypatch):
+  """The ancestral sampler against diffusers' DDPMScheduler ('fixed_small' variance, leading spacing; at 1000
+  steps the reference's p_sample_loop), fed the same per-step noise."""
+  diffusers = torch_reference.import_diffusers()
+  from diffusers.schedulers import scheduling_ddpm  # pylint: disable=g-import-not-at-top
+  scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                      beta_schedule='scaled_linear', clip_sample=False, variance_type='fixed_small')
+  scheduler.set_timesteps(num_steps)
+  scheduler.alphas_cumprod = torch.from_numpy(np.asarray(SCHEDULE.alphas_cumprod))
+  np.testing.assert_array_equal(scheduler.timesteps.numpy(), sampling.ddpm_timesteps(1000, num_steps))
+  eps_fn, mu = gaussian_eps(SCHEDULE, 0.5), jnp.array([1.0, -0.5])
+  x_T = exact_x_T(SCHEDULE, 0.0, 0.5, (2, 4, 4, 3), 0)
+  rng = jax.random.PRNGKey(3)
+  ours = np.asarray(jax.jit(lambda x: sampling.ddpm_sample(eps_fn, SCHEDULE, x, mu, num_steps=num_steps,
+                                                           rng=rng))(x_T))
+  keys = sampling.image_keys(rng, 2)
+  step_index = {}
+  monkeypatch.setattr(scheduling_ddpm, 'randn_tensor', lambda shape, **kwargs: torch.from_numpy(np.asarray(
+      sampling._normal(keys, step_index['n'], shape, jnp.float32, stream=0))))  # pylint: disable=protected-access
+  x = torch.from_numpy(np.asarray(x_T))
+  for n, t in enumerate(scheduler.timesteps):
+    step_index['n'] = n
+    eps = torch.from_numpy(np.asarray(eps_fn(jnp.asarray(x.numpy()), jnp.full((2,), int(t)), mu)))
+    x = scheduler.step(eps, t, x).prev_sample
+  np.testing.assert_allclose(ours, x.numpy(), atol=2e-4 * float(np.abs(ours).max()))
+  assert float(np.abs(ours - np.asarray(sampling.ddpm_sample(eps_fn, SCHEDULE, x_T, mu, num_steps=num_steps,
+                                                             rng=jax.random.PRNGKey(4)))).max()) > 0.05
+
+
 def test_guidance_scale_is_traced_and_compiles_once():
   traces = []
   eps_fn = gaussian_eps(SCHEDULE, 0.5)
@@ -120,7 +150,7 @@ def test_eta_zero_is_deterministic_and_eta_one_uses_the_key():
   assert float(jnp.abs(run(1.0, 0) - run(1.0, 1)).max()) > 0.05
 
 
-@pytest.mark.parametrize('sampler,num_steps', [('plms', 20), ('dpm_solver_pp', 20), ('ddim', 200)])
+@pytest.mark.parametrize('sampler,num_steps', [('plms', 20), ('dpm_solver_pp', 20), ('ddim', 200), ('ddpm', 1000)])
 def test_samplers_recover_a_gaussian(sampler, num_steps):
   # First-order DDIM needs many more steps than the multistep samplers: at 20 steps its std is ~11% low.
   mu, std = 1.5, 0.5

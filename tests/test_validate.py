@@ -1,6 +1,5 @@
 """A malformed config or flag ends in one `Error:` line naming the field, before anything is written or computed."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -11,6 +10,7 @@ import pytest
 
 from latent_diffusion import parallel
 from latent_diffusion import validate
+from tests import shipped_configs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = '--config=configs/txt2img.py:smoke'
@@ -123,22 +123,14 @@ def test_every_problem_is_listed_at_once(tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
-def _config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-@pytest.mark.parametrize('name', ['txt2img', 'class_cond', 'uncond', 'super_res', 'inpainting', 'layout2img',
-                                  'semantic'])
+@pytest.mark.parametrize('name', shipped_configs.NAMES)
 def test_every_shipped_config_passes(name):
   """No false alarms: the full configs on one device, and their smoke variants on the 8 test devices."""
   one_device = parallel.create_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-  assert not validate.problems(_config(name), one_device)
-  assert not validate.problems(_config(name, 'smoke'))
+  assert not validate.problems(shipped_configs.load(name), one_device)
+  assert not validate.problems(shipped_configs.load(name, 'smoke'))
   # The paper's autoencoder batch of 12 splits over 4 devices but not 8; only the stages run are checked.
-  full = _config(name)
+  full = shipped_configs.load(name)
   assert validate.problems(full) == ["The global autoencoder.batch_size 12 is not divisible by the 8 batch "
                                      "shards of the mesh {'data': 8, 'fsdp': 1, 'tensor': 1}; change the batch "
                                      'size or config.mesh.']

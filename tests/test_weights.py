@@ -23,8 +23,10 @@ from latent_diffusion import parallel
 from latent_diffusion.data import latent_store
 from latent_diffusion.training import ldm
 from latent_diffusion.models import autoencoder as autoencoder_lib
+from latent_diffusion.models import unet as unet_lib
 from latent_diffusion.weights import autoencoder as weights_autoencoder
 from latent_diffusion.weights import clip
+from latent_diffusion.weights import conditioning as weights_conditioning
 from latent_diffusion.weights import torch_convert
 from latent_diffusion.weights import unet as weights_unet
 from tests import torch_reference
@@ -409,3 +411,96 @@ def test_a_tiny_stable_diffusion_folder_fine_tunes_and_samples_through_the_pipel
     unet_change = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(jax.device_get(params['unet'])),
                                                           jax.tree.leaves(unet_params)))
     assert (unet_change == 0) if trained_steps == 0 else (unet_change > 0)
+
+
+@pytest.mark.parametrize('new_order', [False, True])
+def test_attention_block_is_the_reference_one(new_order):
+  """ADM's AttentionBlock written in torch from the reference's definition (GroupNorm32, a kernel-1 Conv1d to
+  q/k/v, QKVAttentionLegacy's heads-then-q/k/v split or QKVAttention's q/k/v-then-heads, a Conv1d out), its state
+  dict converted under the reference's names, gives our output."""
+  torch = torch_reference.import_torch()
+  channels, heads, size = 64, 4, 4
+  torch.manual_seed(0)
+  modules = torch.nn.ModuleDict(dict(norm=torch.nn.GroupNorm(32, channels),
+                                     qkv=torch.nn.Conv1d(channels, 3 * channels, 1),
+                                     proj_out=torch.nn.Conv1d(channels, channels, 1)))
+  for p in modules.parameters():
+    torch.nn.init.normal_(p, 0.0, 0.3)
+  x = torch.randn(2, channels, size, size)
+  with torch.no_grad():
+    flat = x.reshape(2, channels, -1)
+    qkv = modules['qkv'](modules['norm'](flat))
+    d = channels // heads
+    if new_order:
+      q, k, v = (a.reshape(2 * heads, d, -1) for a in qkv.chunk(3, dim=1))
+    else:
+      q, k, v = qkv.reshape(2 * heads, 3 * d, -1).split(d, dim=1)
+    weights = torch.softmax(torch.einsum('bct,bcs->bts', q, k) / d ** 0.5, dim=-1)
+    expected = (flat + modules['proj_out'](torch.einsum('bts,bcs->bct', weights, v).reshape(2, channels, -1)))
+    expected = expected.reshape(x.shape).numpy()
+  block = unet_lib.AttentionBlock(heads, d, new_order=new_order, attention='reference')
+  ours_x = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+  abstract = jax.eval_shape(block.init, jax.random.key(0), ours_x)['params']
+  params = torch_convert.convert({k: v.numpy() for k, v in modules.state_dict().items()}, abstract,
+                                 lambda path: path[0], source='AttentionBlock')
+  out = block.apply({'params': params}, ours_x)
+  np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), expected, atol=ATOL)
+  assert np.abs(expected - x.numpy()).mean() > 0.1  # the attention contributes
+
+
+def test_compvis_names_of_a_unet_with_attention_blocks():
+  """Where the reference UNetModel puts its AttentionBlocks (slot 1 after a level's ResBlocks, the middle block's
+  second module) and the upsampler after them (slot 2), for 2 levels with attention at ds 2."""
+  model = unet_lib.UNet(model_channels=32, out_channels=4, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(2,), num_head_channels=16, use_spatial_transformer=False)
+  abstract = weights_unet.abstract_params(model, 4, 0)
+  names = {weights_unet.compvis_key(tuple(p.key for p in path), model)
+           for path, _ in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract))[0]}
+  attention = {n.rsplit('.', 1)[0] for n in names if n.endswith(('.qkv', '.proj_out'))}
+  assert attention == {'input_blocks.3.1', 'middle_block.1', 'output_blocks.0.1', 'output_blocks.1.1'}
+  assert 'output_blocks.1.2.conv' in names and 'input_blocks.2.0.op' in names
+  assert not any('transformer_blocks' in n for n in names)
+
+
+def test_bert_embedder_from_the_reference_x_transformers():
+  """The reference's BERTEmbedder network (x-transformers 0.8.2's TransformerWrapper over an Encoder, the release
+  the reference copied), random, converted from its LDM-checkpoint names, gives our text encoder's output."""
+  torch = torch_reference.import_torch()
+  import x_transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  reference = x_transformers.TransformerWrapper(num_tokens=50, max_seq_len=12,
+                                                attn_layers=x_transformers.Encoder(dim=48, depth=2)).eval()
+  with torch.no_grad():
+    for name, p in reference.named_parameters():  # LayerNorms and biases away from their 1 and 0
+      if p.ndim == 1:
+        p.add_(torch.randn_like(p) * 0.3)
+  tokens = torch.randint(0, 50, (3, 12))
+  with torch.no_grad():
+    expected = reference(tokens, return_embeddings=True).numpy()
+  cond = config_lib.ldm(unet={}, conditioning=dict(kind='text', width=48, depth=2, num_heads=8, head_dim=64,
+                                                  qkv_bias=False, vocab_size=50, max_length=12),
+                        learning_rate=1e-4, batch_size=1, total_steps=1).conditioning
+  model = ldm.text_encoder(cond, tokenizer_vocab=40)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 12), jnp.int32))['params']
+  state = {f'cond_stage_model.transformer.{k}': v.numpy() for k, v in reference.state_dict().items()}  # BERTEmbedder's
+  params = weights_conditioning.convert(state, 'text', abstract, 'BERTEmbedder')
+  out = np.asarray(model.apply({'params': params}, jnp.asarray(tokens.numpy())))
+  np.testing.assert_allclose(out, expected, atol=ATOL)
+  assert expected.std() > 0.1
+  cond.qkv_bias = True  # a config that is not the checkpoint's architecture is refused, naming the tensor
+  biased = ldm.text_encoder(cond, tokenizer_vocab=40)
+  with pytest.raises(ValueError, match='missing transformer.attn_layers.layers.0.1.to_q.bias'):
+    weights_conditioning.convert(state, 'text', jax.eval_shape(biased.init, jax.random.key(0), jnp.zeros(
+        (1, 12), jnp.int32))['params'], 'BERTEmbedder')
+
+
+def test_class_embedder_from_a_compvis_checkpoint():
+  """The reference ClassEmbedder is one nn.Embedding named `embedding` under cond_stage_model."""
+  table = np.random.default_rng(0).normal(size=(11, 8)).astype(np.float32)
+  model = ldm.Conditioner(config_lib.ldm(unet={}, conditioning=dict(kind='class', num_classes=11, width=8),
+                                         learning_rate=1e-4, batch_size=1, total_steps=1).conditioning).model
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1,), jnp.int32))['params']
+  params = weights_conditioning.convert({'cond_stage_model.embedding.weight': table, 'model.other': table}, 'class',
+                                        abstract, 'ClassEmbedder')
+  labels = np.array([3, 10, 0])
+  np.testing.assert_array_equal(np.asarray(model.apply({'params': params}, jnp.asarray(labels)))[:, 0], table[labels])

@@ -2,8 +2,9 @@
 
 'low_res' (super-resolution): the image downsampled to the latent size. 'inpainting': the latent of the image
 with a box masked out, scaled like z, and the mask at latent size. 'segmentation' (semantic synthesis): the
-class-id map as one-hot classes averaged over each latent pixel's block, the reference's SpatialRescaler without
-its learned 1x1 map (the UNet's first conv is linear in its input too). The `latents` stage stores them per
+class-id map as one-hot classes averaged over each latent pixel's block (the reference's SpatialRescaler: two
+bilinear halvings average 4x4 blocks the same way), which the UNet maps to `segmentation_map_channels` with the
+SpatialRescaler's learned 1x1 conv. The `latents` stage stores them per
 example (the map at image resolution, as uint8 ids); training and sampling concatenate them to x_t.
 """
 

@@ -19,7 +19,7 @@ from latent_diffusion.diffusion import concat as concat_lib
 from latent_diffusion.diffusion import sampling
 from latent_diffusion.models import conditioning
 
-SAMPLERS = {'ddim': sampling.ddim_sample, 'plms': sampling.plms_sample,
+SAMPLERS = {'ddim': sampling.ddim_sample, 'ddpm': sampling.ddpm_sample, 'plms': sampling.plms_sample,
             'dpm_solver_pp': sampling.dpm_solver_pp_sample}
 
 
@@ -93,8 +93,8 @@ class Generator:
         null = conditioner.encode(params['cond'], jax.tree.map(jnp.asarray, conditioner.null))
         eps_fn = sampling.guided(eps_fn, guidance_scale, jnp.broadcast_to(null, context.shape))
       x_T = jax.vmap(lambda seed: jax.random.normal(jax.random.PRNGKey(seed), latent_shape))(seeds)
-      z = sampler(eps_fn, schedule, x_T, context, num_steps=s.num_steps, rng=jax.random.PRNGKey(seeds[0]),
-                  **options)
+      step_keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.PRNGKey(seed), 1))(seeds)  # per image
+      z = sampler(eps_fn, schedule, x_T, context, num_steps=s.num_steps, rng=step_keys, **options)
       return jnp.clip(decoder(decoder_params, z / scale_factor), -1.0, 1.0)
 
     batch = parallel.batch_sharding(mesh)

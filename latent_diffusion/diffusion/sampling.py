@@ -1,10 +1,11 @@
 """Samplers whose whole loop is one traced program (`lax.scan`), for any `eps_fn(x, t, context) -> eps`.
 
-`ddim_sample` is the reference DDIM (Song et al. 2021; CompVis `ddim.py`), `plms_sample` the reference PLMS
-(Liu et al. 2022; CompVis `plms.py`), `dpm_solver_pp_sample` DPM-Solver++(2M) (Lu et al. 2022). Classifier-free
-guidance wraps an eps_fn (`guided`), so every sampler gets it; its scale is a traced value. Models that
-predict v or x0 are wrapped by `as_eps_fn`. Inpainting (`mask`, `known`) follows the reference: before each
-step the known region is replaced by the known latent noised to the current timestep.
+`ddim_sample` is the reference DDIM (Song et al. 2021; CompVis `ddim.py`), `ddpm_sample` the reference's
+ancestral sampler (`p_sample_loop`), `plms_sample` the reference PLMS (Liu et al. 2022; CompVis `plms.py`),
+`dpm_solver_pp_sample` DPM-Solver++(2M) (Lu et al. 2022). Classifier-free guidance wraps an eps_fn (`guided`),
+so every sampler gets it; its scale is a traced value. Models that predict v or x0 are wrapped by `as_eps_fn`. Inpainting (`mask`, `known`) follows the reference: before each
+step the known region is replaced by the known latent noised to the current timestep. `rng` gives one key per
+image (or one key to split), and each image's noise comes from its key alone.
 """
 
 import jax
@@ -88,11 +89,26 @@ def _ddim_step(x, eps, alpha, alpha_prev, sigma, noise, clip_x0=None, dynamic_pe
   return jnp.sqrt(alpha_prev) * x0 + direction + sigma * noise, x0
 
 
-def _inpaint(x, schedule, t, rng, mask, known):
-  """Replaces the known region (mask = 1) of x by the known latent noised to timestep t."""
+def image_keys(rng, batch):
+  """One key per image: a batch of keys as given (from each image's seed, so that its noise does not depend on
+  its batch), or `batch` keys split from one key (None: key 0)."""
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  single = rng.ndim == (0 if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else 1)
+  return jax.random.split(rng, batch) if single else rng
+
+
+def _normal(keys, i, shape, dtype, stream):
+  """Noise [B, ...] for step i: image b's from its own key alone; `stream` separates the step noise (0) from the
+  inpainting noise (1)."""
+  draw = lambda key: jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), stream), shape[1:], dtype)
+  return jax.vmap(draw)(keys)
+
+
+def _inpaint(x, schedule, t, keys, i, mask, known):
+  """Replaces the known region (mask = 1) of x by the known latent noised to timestep t (noise of step i)."""
   if mask is None:
     return x
-  noised = schedules.q_sample(schedule, known, t, jax.random.normal(rng, known.shape, known.dtype))
+  noised = schedules.q_sample(schedule, known, t, _normal(keys, i, known.shape, known.dtype, stream=1))
   return mask * noised + (1 - mask) * x
 
 
@@ -105,19 +121,51 @@ def ddim_sample(eps_fn, schedule, x_T, context, *, num_steps, rng=None, eta=0.0,
   """DDIM from x_T down to the reference's last step; returns x (and [S, ...] states after each step)."""
   timesteps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
   alphas, alphas_prev, sigmas = _ddim_coefficients(schedule, timesteps, eta)
-  rng = jax.random.PRNGKey(0) if rng is None else rng
+  keys = image_keys(rng, x_T.shape[0])
 
   def step(x, i):
     t = jnp.asarray(timesteps)[i]
-    step_rng, inpaint_rng = jax.random.split(jax.random.fold_in(rng, i))
-    x = _inpaint(x, schedule, t, inpaint_rng, mask, known)
+    x = _inpaint(x, schedule, t, keys, i, mask, known)
     eps = eps_fn(x, _batch_t(x, t), context)
-    noise = jax.random.normal(step_rng, x.shape, x.dtype)
+    noise = _normal(keys, i, x.shape, x.dtype, stream=0)
     x, _ = _ddim_step(x, eps, alphas[i], alphas_prev[i], sigmas[i], noise, clip_x0, dynamic_percentile)
     return x, x if return_trajectory else None
 
   x, trajectory = jax.lax.scan(step, x_T, jnp.arange(len(timesteps))[::-1])
   return (x, trajectory) if return_trajectory else x
+
+
+def ddpm_timesteps(num_timesteps, num_steps):
+  """The ancestral sampler's timesteps, descending: every one (num_steps = T, the reference's p_sample_loop) or
+  every (T // S)-th from 0 (diffusers' DDPMScheduler, leading spacing)."""
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f'sampling.num_steps={num_steps}: the DDPM sampler takes 1 to {num_timesteps} steps.')
+  return (np.arange(num_steps) * (num_timesteps // num_steps))[::-1]
+
+
+def ddpm_sample(eps_fn, schedule, x_T, context, *, num_steps, rng=None, mask=None, known=None, clip_x0=None,
+                dynamic_percentile=None):
+  """Ancestral sampling (Ho et al. 2020; the reference's p_sample_loop at num_steps = T): x_prev drawn from the
+  posterior q(x_prev | x_t, x0-hat) between each timestep and the next one down (variance clamped at 1e-20, the
+  reference's 'fixed small'), without noise at the last step. `clip_x0=1` is the reference's clip_denoised."""
+  timesteps = ddpm_timesteps(schedule.num_timesteps, num_steps)
+  alphas = schedule.alphas_cumprod[timesteps]
+  alphas_prev = jnp.concatenate([schedule.alphas_cumprod[timesteps[1:]], jnp.ones(1)])
+  betas = 1 - alphas / alphas_prev
+  coef_x0 = jnp.sqrt(alphas_prev) * betas / (1 - alphas)
+  coef_x = jnp.sqrt(1 - betas) * (1 - alphas_prev) / (1 - alphas)
+  stds = jnp.sqrt(jnp.maximum((1 - alphas_prev) / (1 - alphas) * betas, 1e-20)).at[-1].set(0.0)
+  keys = image_keys(rng, x_T.shape[0])
+
+  def step(x, n):
+    t = jnp.asarray(timesteps)[n]
+    x = _inpaint(x, schedule, t, keys, n, mask, known)
+    eps = eps_fn(x, _batch_t(x, t), context)
+    x0 = _threshold(schedules.x0_from_eps(x, eps, alphas[n]), clip_x0, dynamic_percentile)
+    return coef_x0[n] * x0 + coef_x[n] * x + stds[n] * _normal(keys, n, x.shape, x.dtype, stream=0), None
+
+  x, _ = jax.lax.scan(step, x_T, jnp.arange(len(timesteps)))
+  return x
 
 
 def plms_sample(eps_fn, schedule, x_T, context, *, num_steps, rng=None, mask=None, known=None, clip_x0=None,
@@ -126,7 +174,7 @@ def plms_sample(eps_fn, schedule, x_T, context, *, num_steps, rng=None, mask=Non
   combinations of the previous eps, with DDIM (eta = 0) steps on the combined eps."""
   timesteps = ddim_timesteps(schedule.num_timesteps, num_steps)
   alphas, alphas_prev, _ = _ddim_coefficients(schedule, timesteps, 0.0)
-  rng = jax.random.PRNGKey(0) if rng is None else rng
+  keys = image_keys(rng, x_T.shape[0])
   order = np.arange(len(timesteps))[::-1]
   ts = jnp.asarray(timesteps)
 
@@ -135,7 +183,7 @@ def plms_sample(eps_fn, schedule, x_T, context, *, num_steps, rng=None, mask=Non
 
   # First step: the improved-Euler start of the reference (eps averaged with eps at the next timestep).
   first = int(order[0])
-  x = _inpaint(x_T, schedule, ts[first], jax.random.fold_in(rng, first), mask, known)
+  x = _inpaint(x_T, schedule, ts[first], keys, first, mask, known)
   eps = eps_fn(x, _batch_t(x, ts[first]), context)
   following = int(order[1]) if len(order) > 1 else first
   eps_next = eps_fn(update(x, eps, first), _batch_t(x, ts[following]), context)
@@ -144,7 +192,7 @@ def plms_sample(eps_fn, schedule, x_T, context, *, num_steps, rng=None, mask=Non
   def step(carry, n):
     x, history = carry  # history[0] is the newest eps
     i = jnp.asarray(order)[n]
-    x = _inpaint(x, schedule, ts[i], jax.random.fold_in(rng, i), mask, known)
+    x = _inpaint(x, schedule, ts[i], keys, i, mask, known)
     eps = eps_fn(x, _batch_t(x, ts[i]), context)
     second = (3 * eps - history[0]) / 2
     third = (23 * eps - 16 * history[0] + 5 * history[1]) / 12
@@ -175,13 +223,13 @@ def dpm_solver_pp_sample(eps_fn, schedule, x_T, context, *, num_steps, rng=None,
   alphas_cumprod = schedule.alphas_cumprod[timesteps]
   alpha, sigma = jnp.sqrt(alphas_cumprod), jnp.sqrt(1 - alphas_cumprod)
   lambdas = jnp.log(alpha) - jnp.log(sigma)
-  rng = jax.random.PRNGKey(0) if rng is None else rng
+  keys = image_keys(rng, x_T.shape[0])
   last = num_steps - 1
 
   def step(carry, i):
     x, x0_prev, h_prev = carry
     t = jnp.asarray(timesteps)[i]
-    x = _inpaint(x, schedule, t, jax.random.fold_in(rng, i), mask, known)
+    x = _inpaint(x, schedule, t, keys, i, mask, known)
     eps = eps_fn(x, _batch_t(x, t), context)
     x0 = _threshold(schedules.x0_from_eps(x, eps, alphas_cumprod[i]), clip_x0, dynamic_percentile)
     j = jnp.minimum(i + 1, last)

@@ -73,6 +73,12 @@ def _middle(x, channels, dropout, deterministic, attention, groups):
   return ResnetBlock(channels, dropout, groups, name='mid_block_2')(x, deterministic)
 
 
+def _attends(resolution, level, attn_resolutions):
+  """Whether a level has attention: by the feature size it has at the configured `resolution` (the reference's
+  curr_res), so that a larger or smaller input runs the same blocks."""
+  return resolution // 2**level in attn_resolutions
+
+
 class Encoder(nn.Module):
   """Image [B, H, W, 3] -> latent moments [B, H/f, W/f, 2 z] (double_z) or features [B, H/f, W/f, z], f = 2^(L-1)."""
   ch: int
@@ -84,6 +90,7 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   mid_attention: bool = True
   norm_groups: int = 32
+  resolution: int = 256  # the training image size attn_resolutions refer to (the reference ddconfig's)
 
   @nn.compact
   def __call__(self, x, deterministic=True):
@@ -92,7 +99,7 @@ class Encoder(nn.Module):
       for i in range(self.num_res_blocks):
         h = ResnetBlock(self.ch * mult, self.dropout, self.norm_groups, name=f'down_{level}_block_{i}')(
             h, deterministic)
-        if h.shape[1] in self.attn_resolutions:
+        if _attends(self.resolution, level, self.attn_resolutions):
           h = AttnBlock(self.norm_groups, name=f'down_{level}_attn_{i}')(h)
       if level != len(self.ch_mult) - 1:
         h = Downsample(name=f'down_{level}_downsample')(h)
@@ -111,6 +118,7 @@ class Decoder(nn.Module):
   dropout: float = 0.0
   mid_attention: bool = True
   norm_groups: int = 32
+  resolution: int = 256
 
   @nn.compact
   def __call__(self, z, deterministic=True):
@@ -120,7 +128,7 @@ class Decoder(nn.Module):
       for i in range(self.num_res_blocks + 1):
         h = ResnetBlock(self.ch * self.ch_mult[level], self.dropout, self.norm_groups,
                         name=f'up_{level}_block_{i}')(h, deterministic)
-        if h.shape[1] in self.attn_resolutions:
+        if _attends(self.resolution, level, self.attn_resolutions):
           h = AttnBlock(self.norm_groups, name=f'up_{level}_attn_{i}')(h)
       if level != 0:
         h = Upsample(name=f'up_{level}_upsample')(h)
@@ -201,10 +209,13 @@ class _Autoencoder(nn.Module):
   embed_dim: int
   dropout: float = 0.0
   norm_groups: int = 32  # the reference's; fewer keep its channels per group at a smoke width
+  resolution: int = 256
+  mid_attention: bool = True  # False: vq-f4-noattn (the reference's attn_type 'none')
 
   def _encoder_decoder(self, double_z):
     arch = dict(ch=self.ch, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
-                attn_resolutions=self.attn_resolutions, dropout=self.dropout, norm_groups=self.norm_groups)
+                attn_resolutions=self.attn_resolutions, dropout=self.dropout, norm_groups=self.norm_groups,
+                resolution=self.resolution, mid_attention=self.mid_attention)
     return Encoder(z_channels=self.z_channels, double_z=double_z, **arch), Decoder(**arch)
 
 
@@ -262,7 +273,8 @@ def create_autoencoder(model_config):
   """`AutoencoderKL` or `VQModel` from the `autoencoder.model` config section."""
   arch = dict(ch=model_config.ch, ch_mult=tuple(model_config.ch_mult), num_res_blocks=model_config.num_res_blocks,
               attn_resolutions=tuple(model_config.attn_resolutions), z_channels=model_config.z_channels,
-              embed_dim=model_config.embed_dim, dropout=model_config.dropout, norm_groups=model_config.norm_groups)
+              embed_dim=model_config.embed_dim, dropout=model_config.dropout, norm_groups=model_config.norm_groups,
+              resolution=model_config.resolution, mid_attention=model_config.mid_attention)
   if model_config.kind == 'kl':
     return AutoencoderKL(**arch)
   if model_config.kind == 'vq':

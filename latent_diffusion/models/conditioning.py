@@ -135,7 +135,8 @@ class TextTransformer(nn.Module):
   """Token + learned position embeddings -> depth pre-LN transformer layers -> LayerNorm: [B, L] ids -> [B, L, width].
 
   Trained with the UNet it is the paper's BERTEmbedder role; with `causal` attention and CLIP's `quick_gelu` (or
-  `gelu`) it is the CLIP text encoder of Stable Diffusion (`weights/clip.py` converts its weights).
+  `gelu`) it is the CLIP text encoder of Stable Diffusion (`weights/clip.py` converts its weights); with `head_dim`
+  64 and no q/k/v bias, the paper's BERTEmbedder (an x-transformers Encoder: 8 heads of 64 whatever the width).
   """
   vocab_size: int
   max_length: int
@@ -146,6 +147,8 @@ class TextTransformer(nn.Module):
   causal: bool = False
   activation: str = 'gelu'
   mlp_dim: int = 0  # 0: 4 x width
+  head_dim: int = 0  # 0: width // num_heads
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, ids):
@@ -153,12 +156,13 @@ class TextTransformer(nn.Module):
     x = nn.Embed(self.vocab_size, self.width, embedding_init=embed_init, name='token_emb')(ids)
     x = x + self.param('pos_emb', nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, 'embed')),
                        (self.max_length, self.width))[None, :ids.shape[1]]
-    head_dim = self.width // self.num_heads
+    head_dim = self.head_dim or self.width // self.num_heads
+    inner = self.num_heads * head_dim
     for i in range(self.depth):
       h = layers.layer_norm(name=f'layer_{i}_norm1')(x)
-      qkv = layers.dense(3 * self.width, ('embed', 'heads'), name=f'layer_{i}_qkv')(h)
+      qkv = layers.dense(3 * inner, ('embed', 'heads'), use_bias=self.qkv_bias, name=f'layer_{i}_qkv')(h)
       q, k, v = (a.reshape(a.shape[:2] + (self.num_heads, head_dim)) for a in jnp.split(qkv, 3, axis=-1))
-      h = attention_lib.attention(q, k, v, self.attention, causal=self.causal).reshape(x.shape)
+      h = attention_lib.attention(q, k, v, self.attention, causal=self.causal).reshape(x.shape[:2] + (inner,))
       x = x + layers.dense(self.width, ('heads', 'embed'), name=f'layer_{i}_out')(h)
       h = layers.dense(self.mlp_dim or 4 * self.width, ('embed', 'mlp'), name=f'layer_{i}_ff1')(
           layers.layer_norm(name=f'layer_{i}_norm2')(x))

@@ -5,7 +5,8 @@ input blocks (ResBlock [+ SpatialTransformer] per block, a downsample per level)
 SpatialTransformer, ResBlock) -> output blocks (num_res_blocks + 1 per level on the concatenated skips, an
 upsample per level) -> GroupNorm, SiLU, zero-initialised conv. Attention runs at the downsample factors in
 `attention_resolutions`. Class labels (adm conditioning) add an embedding to the time embedding; concat
-conditioning is extra input channels.
+conditioning is extra input channels. Models without cross-attention (the reference's unconditional,
+super-resolution, inpainting and semantic ones: `use_spatial_transformer=False`) use ADM's `AttentionBlock` there.
 """
 
 from typing import Optional, Sequence
@@ -138,6 +139,28 @@ class SpatialTransformer(nn.Module):
     return x + y
 
 
+class AttentionBlock(nn.Module):
+  """ADM self-attention over the H*W positions: GroupNorm32 -> one 1x1 qkv projection -> attention -> zero-init
+  1x1 projection, + x; no feed-forward. `new_order` splits q/k/v before heads (QKVAttention), else heads first
+  (QKVAttentionLegacy, every CompVis model)."""
+  num_heads: int
+  head_dim: int
+  new_order: bool = False
+  attention: str = 'auto'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None, deterministic=True):
+    del context, deterministic  # the signature of SpatialTransformer, which it replaces
+    b, h, w, c = x.shape
+    qkv = layers.dense(3 * c, ('embed', 'heads'), name='qkv', dtype=self.dtype)(unet_norm(name='norm')(x))
+    order = (3, self.num_heads) if self.new_order else (self.num_heads, 3)
+    qkv = qkv.reshape(b, h * w, *order, self.head_dim)
+    q, k, v = (jnp.take(qkv, i, axis=2 if self.new_order else 3) for i in range(3))
+    out = attention_lib.attention(q, k, v, self.attention).astype(self.dtype).reshape(b, h, w, c)
+    return x + layers.dense(c, ('heads', 'embed'), kernel_init=zeros, name='proj_out', dtype=self.dtype)(out)
+
+
 class UNet(nn.Module):
   """eps (or v, x0) prediction [B, H, W, out_channels] from x_t [B, H, W, in_channels], timesteps [B], a context
   [B, L, context_dim] for cross-attention and optional class labels [B]."""
@@ -149,10 +172,15 @@ class UNet(nn.Module):
   num_heads: int = 8
   num_head_channels: int = -1  # > 0: heads of this width instead of a fixed number of heads
   transformer_depth: int = 1
+  use_spatial_transformer: bool = True  # False: AttentionBlock (self-attention only), as the reference's
+  use_new_attention_order: bool = False  # AttentionBlock's q/k/v split before heads
   dropout: float = 0.0
   use_scale_shift_norm: bool = False
   resblock_updown: bool = False
   num_classes: int = 0  # > 0: class-label embedding added to the time embedding
+  # > 0: the input channels after the latent's (concatenated class fractions) first pass a bias-free 1x1 conv
+  # to this many channels, the learned map of the reference's SpatialRescaler (semantic synthesis).
+  segmentation_map: int = 0
   attention: str = 'auto'
   upcast_attention: bool = False  # attention in float32 under a lower compute dtype (SD 2.1)
   # Blocks recomputed in the backward pass instead of keeping their activations: '', 'all', or a comma list of
@@ -179,6 +207,10 @@ class UNet(nn.Module):
   def __call__(self, x, t, context=None, y=None, deterministic=True):
     res_block = self._rematerialised(ResBlock, 'resblock')
     transformer = self._rematerialised(SpatialTransformer, 'transformer')
+    attention_block = self._rematerialised(AttentionBlock, 'transformer')
+    if context is not None and not self.use_spatial_transformer:
+      raise ValueError('ldm.unet.use_spatial_transformer=False has no cross-attention for the conditioning '
+                       "context; set it to True or ldm.conditioning.kind='none'.")
     emb_dim = 4 * self.model_channels
     emb = layers.dense(emb_dim, ('embed', 'mlp'), name='time_embed_0')(timestep_embedding(t, self.model_channels))
     emb = layers.dense(emb_dim, ('mlp', 'embed'), name='time_embed_1')(nn.silu(emb))
@@ -191,10 +223,17 @@ class UNet(nn.Module):
           h, emb, deterministic)
       if attend:
         heads, head_dim = self._heads(channels)
+        if not self.use_spatial_transformer:
+          return attention_block(heads, head_dim, self.use_new_attention_order, self.attention, self.dtype,
+                                 name=name + '_attention')(h, context, deterministic)
         h = transformer(heads, head_dim, self.transformer_depth, self.dropout, self.attention, self.dtype,
                         self.upcast_attention, name=name + '_transformer')(h, context, deterministic)
       return h
 
+    if self.segmentation_map:
+      classes = layers.conv(self.segmentation_map, 1, padding=0, use_bias=False, name='segmentation_map')(
+          x[..., self.out_channels:])
+      x = jnp.concatenate([x[..., :self.out_channels], classes], axis=-1)
     h = layers.conv(self.model_channels, name='conv_in', dtype=self.dtype)(x.astype(self.dtype))
     skips, ds = [h], 1
     for level, mult in enumerate(self.channel_mult):
@@ -225,12 +264,14 @@ class UNet(nn.Module):
     return layers.conv(self.out_channels, kernel_init=zeros, name='out_conv', dtype=jnp.float32)(h)
 
 
-def create_unet(unet_config, out_channels, num_classes=0):
+def create_unet(unet_config, out_channels, num_classes=0, segmentation_map=0):
   """A `UNet` from the `ldm.unet` config section (`dtype`: the compute dtype; parameters stay float32)."""
-  return UNet(model_channels=unet_config.model_channels, out_channels=out_channels,
+  return UNet(model_channels=unet_config.model_channels, out_channels=out_channels, segmentation_map=segmentation_map,
               channel_mult=tuple(unet_config.channel_mult), num_res_blocks=unet_config.num_res_blocks,
               attention_resolutions=tuple(unet_config.attention_resolutions), num_heads=unet_config.num_heads,
               num_head_channels=unet_config.num_head_channels, transformer_depth=unet_config.transformer_depth,
+              use_spatial_transformer=unet_config.use_spatial_transformer,
+              use_new_attention_order=unet_config.use_new_attention_order,
               dropout=unet_config.dropout, use_scale_shift_norm=unet_config.use_scale_shift_norm,
               resblock_updown=unet_config.resblock_updown, num_classes=num_classes,
               attention=unet_config.attention, upcast_attention=unet_config.upcast_attention, remat=unet_config.remat,

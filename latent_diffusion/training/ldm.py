@@ -1,13 +1,14 @@
 """The `ldm` stage: trains the UNet (and a text encoder trained jointly with it) on the frozen latent store.
 
 Each step samples z from the stored posterior moments, scales it, drops the condition with probability
-`p_uncond`, and takes one AdamW step (warm-up, gradient clipping) on the diffusion loss, with EMA params kept.
+`p_uncond`, and takes one AdamW step (optional warm-up and clipping) on the diffusion loss, with EMA params kept.
 Every `eval_every` steps it draws the configured prompts with the EMA params (the `sample` stage's sampler).
 """
 
 import os
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +30,8 @@ from latent_diffusion.training import checkpoint
 from latent_diffusion.training import loop
 from latent_diffusion.training import train_state
 from latent_diffusion.weights import clip
+from latent_diffusion.weights import conditioning as weights_conditioning
+from latent_diffusion.weights import torch_convert
 from latent_diffusion.weights import unet as weights_unet
 
 STAGE = 'ldm'
@@ -56,14 +59,12 @@ class Conditioner:
                            f'{self.model.max_length} positions; set it to {self.model.max_length} or less.')
       else:
         self.tokenizer = conditioning.create_tokenizer(cond_config)
-        self.model = conditioning.TextTransformer(self.tokenizer.vocab_size, cond_config.max_length,
-                                                  cond_config.width, cond_config.depth, cond_config.num_heads)
+        self.model = text_encoder(cond_config, self.tokenizer.vocab_size)
       self.null = {'tokens': self.tokenizer([''], cond_config.max_length)}
       self.length = cond_config.max_length
     elif self.kind == 'layout':
       self.tokenizer = conditioning.LayoutTokenizer(cond_config.layout_grid, cond_config.num_classes)
-      self.model = conditioning.TextTransformer(self.tokenizer.vocab_size, cond_config.max_length,
-                                                cond_config.width, cond_config.depth, cond_config.num_heads)
+      self.model = text_encoder(cond_config, self.tokenizer.vocab_size)
       self.null = {'tokens': np.full((1, cond_config.max_length), self.tokenizer.pad, np.int32)}
       self.length = cond_config.max_length
     elif self.kind == 'class':
@@ -94,6 +95,18 @@ class Conditioner:
     return self.model.apply({'params': params}, *inputs.values())
 
 
+def text_encoder(cond_config, tokenizer_vocab):
+  """The jointly trained transformer of kinds 'text' and 'layout'; its embedding table has
+  `ldm.conditioning.vocab_size` rows (0: the tokenizer's vocabulary; the reference BERTEmbedders' are larger)."""
+  vocab_size = cond_config.vocab_size or tokenizer_vocab
+  if vocab_size < tokenizer_vocab:
+    raise ValueError(f'ldm.conditioning.vocab_size={vocab_size} is smaller than the tokenizer\'s {tokenizer_vocab} '
+                     'tokens; set it to 0 (the tokenizer\'s) or at least that.')
+  return conditioning.TextTransformer(vocab_size, cond_config.max_length, cond_config.width, cond_config.depth,
+                                      cond_config.num_heads, head_dim=cond_config.head_dim,
+                                      qkv_bias=cond_config.qkv_bias)
+
+
 def sample_latent(latent, kind, rng):
   """z from the stored moments (KL: mean + std * noise) or the stored pre-quantisation latent (VQ)."""
   if kind != 'kl':
@@ -103,10 +116,13 @@ def sample_latent(latent, kind, rng):
 
 
 def optimizer(opt_config, total_steps):
-  learning_rate = train_state.learning_rate(opt_config.learning_rate, warmup_steps=opt_config.warmup_steps,
-                                            decay=opt_config.decay, total_steps=total_steps)
-  return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip),
-                     optax.adamw(learning_rate, weight_decay=opt_config.weight_decay))
+  """AdamW on the schedule of `ldm.optimizer`, after global-norm clipping at `grad_clip` (0: none)."""
+  learning_rate = train_state.learning_rate(
+      opt_config.learning_rate, warmup_steps=opt_config.warmup_steps, decay=opt_config.decay,
+      total_steps=total_steps, warmup_from=opt_config.warmup_from, decay_steps=opt_config.decay_steps,
+      decay_to=opt_config.decay_to)
+  adamw = optax.adamw(learning_rate, weight_decay=opt_config.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip), adamw) if opt_config.grad_clip else adamw
 
 
 def create(config, metadata):
@@ -114,7 +130,8 @@ def create(config, metadata):
   ldm = config.ldm
   shape = stored_latent_shape(metadata)
   concat_channels = concat_lib.num_channels(ldm.conditioning.concat, shape[-1], ldm.conditioning.segmentation_classes)
-  unet = unet_lib.create_unet(ldm.unet, out_channels=shape[-1])
+  unet = unet_lib.create_unet(ldm.unet, out_channels=shape[-1],
+                              segmentation_map=ldm.conditioning.segmentation_map_channels)
   conditioner = Conditioner(ldm.conditioning)
   tx = optimizer(ldm.optimizer, ldm.total_steps)
 
@@ -126,30 +143,44 @@ def create(config, metadata):
     unet_params = unet.init(unet_rng, x, jnp.zeros((1,), jnp.int32), context)['params']
     if conditioner.frozen:
       return train_state.TrainState.create({'unet': unet_params}, tx, ldm.ema_decay, frozen={'cond': cond_params})
-    return train_state.TrainState.create({'unet': unet_params, 'cond': cond_params}, tx, ldm.ema_decay)
+    ema_keys = () if ldm.ema_cond or not cond_params else ('unet',)
+    return train_state.TrainState.create({'unet': unet_params, 'cond': cond_params}, tx, ldm.ema_decay,
+                                         ema_keys=ema_keys)
 
   return unet, conditioner, init
 
 
 def make_warm_start(config):
   """Imported weights for a fresh `ldm` state: the UNet of `ldm.init_from` (a diffusers folder or a CompVis
-  checkpoint; fine-tuning) and the frozen CLIP text encoder of `ldm.conditioning.pretrained`; None when
-  neither is configured."""
+  checkpoint; fine-tuning) with, from a CompVis checkpoint, its trained conditioning encoder (BERTEmbedder,
+  ClassEmbedder), and the frozen CLIP text encoder of `ldm.conditioning.pretrained`; None when neither is
+  configured."""
   ldm = config.ldm
   if not ldm.init_from and ldm.conditioning.kind != 'clip':
     return None
 
   def warm_start(state, shardings):
     params, frozen = dict(state.params), dict(state.frozen or {})
+    ema = state.ema_params
     if ldm.init_from:
-      unet_params = weights_unet.load(ldm.init_from, state.params['unet'], ldm.unet)
+      if epath.Path(ldm.init_from).is_dir():
+        unet_params = weights_unet.load(ldm.init_from, state.params['unet'], ldm.unet)
+      else:
+        state_dict = torch_convert.read_state_dict(ldm.init_from)
+        unet_params = weights_unet.convert_compvis(state_dict, state.params['unet'], ldm.unet, ldm.init_from)
+        if 'cond' in params and any(k.startswith(weights_conditioning.PREFIX) for k in state_dict):
+          cond_params = weights_conditioning.convert(state_dict, ldm.conditioning.kind, params['cond'],
+                                                     ldm.init_from)
+          params['cond'] = parallel.put(cond_params, shardings.params['cond'])
+          if ema is not None and 'cond' in ema:
+            ema = {**ema, 'cond': parallel.put(cond_params, shardings.ema_params['cond'])}
+          logging.info('Initialised the conditioning encoder from %s.', ldm.init_from)
       params['unet'] = parallel.put(unet_params, shardings.params['unet'])
       logging.info('Initialised the UNet from %s.', ldm.init_from)
     if ldm.conditioning.kind == 'clip':
       _, cond_params = clip.load_text_encoder(ldm.conditioning.pretrained)
       frozen['cond'] = parallel.put(cond_params, shardings.frozen['cond'])
       logging.info('Loaded the frozen CLIP text encoder of %s.', ldm.conditioning.pretrained)
-    ema = state.ema_params
     if ema is not None and ldm.init_from:  # the EMA starts at the imported UNet too, in its own buffers (donation)
       ema = {**ema, 'unet': parallel.put(unet_params, shardings.ema_params['unet'])}
     return state.replace(params=params, ema_params=ema, frozen=frozen or None)

@@ -52,7 +52,7 @@ def diffusers_key(path, num_levels):
 _LEGACY_ATTENTION = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
 
 _FIXED = dict(in_channels=3, out_channels=3, act_fn='silu', use_quant_conv=True,
-              use_post_quant_conv=True, mid_block_add_attention=True, shift_factor=None, norm_type='group')
+              use_post_quant_conv=True, shift_factor=None, norm_type='group')
 
 
 def from_diffusers_config(config):
@@ -66,7 +66,8 @@ def from_diffusers_config(config):
     raise ValueError(f'This AutoencoderKL uses options our autoencoder does not express: {unsupported}.')
   model = dict(kind='kl', ch=channels[0], ch_mult=tuple(c // channels[0] for c in channels),
                num_res_blocks=config['layers_per_block'], attn_resolutions=(), z_channels=config['latent_channels'],
-               embed_dim=config['latent_channels'], norm_groups=config.get('norm_num_groups', 32))
+               embed_dim=config['latent_channels'], norm_groups=config.get('norm_num_groups', 32),
+               mid_attention=config.get('mid_block_add_attention', True))
   if config.get('_class_name') == 'VQModel':
     model.update(kind='vq', embed_dim=config.get('vq_embed_dim') or config['latent_channels'],
                  n_embed=config['num_vq_embeddings'])

@@ -85,7 +85,9 @@ def check_config(section, expected, name, source):
 
 def _to_flax_layout(array, target_ndim):
   """torch Linear [out, in] / Conv [out, in, kh, kw] -> Flax Dense [in, out] / Conv [kh, kw, in, out], across the
-  two where they are the same map (a Linear as a 1x1 conv and back)."""
+  two where they are the same map (a Linear as a 1x1 conv and back; a kernel-1 Conv1d [out, in, 1] as a Linear)."""
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
   if array.ndim == 4:
     array = array.transpose(2, 3, 1, 0)
     return array[0, 0] if target_ndim == 2 else array

@@ -17,7 +17,7 @@ _RES_DIFFUSERS = {'in_norm': 'norm1', 'in_conv': 'conv1', 'emb_proj': 'time_emb_
                   'out_conv': 'conv2', 'skip': 'conv_shortcut'}
 _RES_COMPVIS = {'in_norm': 'in_layers.0', 'in_conv': 'in_layers.2', 'emb_proj': 'emb_layers.1',
                 'out_norm': 'out_layers.0', 'out_conv': 'out_layers.3', 'skip': 'skip_connection'}
-_BLOCK = re.compile(r'(down|up|middle)_(\d+)(?:_(\d+))?(_transformer|_downsample|_upsample)?')
+_BLOCK = re.compile(r'(down|up|middle)_(\d+)(?:_(\d+))?(_transformer|_attention|_downsample|_upsample)?')
 
 
 def _transformer_key(prefix, sub):
@@ -31,9 +31,12 @@ def _transformer_key(prefix, sub):
 
 
 def _block_key(path, prefix, res_names):
-  """A ResBlock's or SpatialTransformer's param path under a module named `prefix`."""
+  """A ResBlock's, SpatialTransformer's or AttentionBlock's param path under a module named `prefix` (the last
+  two: norm, qkv and proj_out, the reference's names)."""
   if path[0].endswith('_transformer'):
     return _transformer_key(prefix, path[1:-1])
+  if path[0].endswith('_attention'):
+    return f'{prefix}.{path[1]}'
   return f'{prefix}.{res_names[path[1]]}'
 
 
@@ -55,7 +58,8 @@ def diffusers_key(path, num_levels):
 def compvis_key(path, unet_config):
   """Our UNet param path -> the CompVis UNetModel module name (input_blocks / middle_block / output_blocks)."""
   simple = {'time_embed_0': 'time_embed.0', 'time_embed_1': 'time_embed.2', 'label_emb': 'label_emb',
-            'conv_in': 'input_blocks.0.0', 'out_norm': 'out.0', 'out_conv': 'out.2'}
+            'conv_in': 'input_blocks.0.0', 'out_norm': 'out.0', 'out_conv': 'out.2',
+            'segmentation_map': 'segmentation_map'}
   if path[0] in simple:
     return simple[path[0]]
   part, level, index, suffix = _BLOCK.fullmatch(path[0]).groups()
@@ -166,7 +170,8 @@ def load_diffusers(folder):
 def convert_compvis(state_dict, abstract, unet_config, source):
   """Params shaped like `abstract` from a CompVis UNetModel state dict. In an LDM checkpoint (`model.diffusion_model.*`)
   the EMA copies are read when it keeps them (`model_ema.*`, named as the reference's LitEma does: without dots),
-  since the reference samples with them; other models in the file are not read."""
+  since the reference samples with them, and a semantic model's SpatialRescaler map (`cond_stage_model.
+  channel_mapper`) becomes our UNet's `segmentation_map`; other models in the file are not read."""
   prefix = 'model.diffusion_model.'
   names = {k[len(prefix):]: k for k in state_dict if k.startswith(prefix)}
   if names:
@@ -174,7 +179,10 @@ def convert_compvis(state_dict, abstract, unet_config, source):
     ema = all(ema_key(name) in state_dict for name in names)
     if ema:
       logging.info('%s keeps EMA weights; converting those.', source)
+    mapper = state_dict.get('cond_stage_model.channel_mapper.weight')
     state_dict = {name: state_dict[ema_key(name) if ema else key] for name, key in names.items()}
+    if mapper is not None:
+      state_dict['segmentation_map.weight'] = mapper
   return torch_convert.convert(state_dict, abstract, lambda p: compvis_key(p, unet_config), source=source)
 
 
