@@ -43,7 +43,8 @@ def test_attention_is_placed_by_the_configured_resolution(scale):
   assert attention == ['up_2_attn_0', 'up_2_attn_1']
   size = int(64 // 16 * scale)
   z = jax.random.normal(jax.random.PRNGKey(2), (1, size, size, model_config.embed_dim))
-  decode = lambda p: np.asarray(model.apply({'params': p}, z, method='decode'))
+  decode_fn = jax.jit(lambda p: model.apply({'params': p}, z, method='decode'))  # one compile for every variant
+  decode = lambda p: np.asarray(decode_fn(p))
   image = decode(params)
   assert image.shape == (1, 16 * size, 16 * size, 3)
   for name in attention:
