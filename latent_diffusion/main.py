@@ -21,7 +21,8 @@ PREEMPTED_EXIT_STATUS = 143
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/txt2img.py:smoke.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints, latents, samples and logs.')
-flags.DEFINE_enum('stage', 'all', ('all',) + stages.STAGES, 'Stage to run; `all` runs every stage not done.')
+flags.DEFINE_string('stage', 'all', f'`all` (every stage not done yet), or one or more of {stages.STAGES} '
+                    'separated by commas (each run even if done).')
 flags.DEFINE_bool('distributed', False, 'Initialise jax.distributed from the environment (TPU pod, SLURM).')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for jax.distributed elsewhere.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes, with --coordinator_address.')

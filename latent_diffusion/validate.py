@@ -72,6 +72,7 @@ def _autoencoder(found, c):
   a = c.autoencoder
   found.choice('autoencoder.model.kind', a.model.kind, autoencoder_models.KINDS)
   found.choice('autoencoder.loss.disc_loss', a.loss.disc_loss, tuple(autoencoder_losses.DISC_LOSSES))
+  found.number('autoencoder.loss.disc_factor', a.loss.disc_factor, low=0)
   found.number('autoencoder.optimizer.learning_rate', a.optimizer.learning_rate, low=0, low_open=True)
   found.choice('autoencoder.optimizer.decay', a.optimizer.decay, train_state.LR_DECAYS)
   found.number('autoencoder.ema_decay', a.ema_decay, low=0, high=1, high_open=True)
@@ -250,7 +251,7 @@ def problems(config, mesh=None, stage='all', batches=True):
   _eval(found, c)
   if mesh is not None:
     _kernel_platform(found, c.ldm.unet.attention, mesh.devices.flat[0].platform)
-    run = stages.STAGES if stage == 'all' else (stage,)
+    run = stages.selected(stage)
     if c.autoencoder.pretrained:  # imported weights: the autoencoder stage trains nothing
       run = tuple(s for s in run if s != 'autoencoder')
     if batches:

@@ -91,28 +91,39 @@ def test_preprocessing_modes_match_pytorch_fid_and_clean_fid(size):
     inception.preprocess(images, 'tf')
 
 
-def test_frechet_distance_matches_pytorch_fid_including_the_singular_case():
+def exact_frechet_distance(mu1, s1, mu2, s2):
+  """The symmetric form Tr sqrt(R S2 R), R = sqrt(S1), from two eigh: exact for singular covariances too."""
+  w, v = np.linalg.eigh(s1)
+  root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+  inner = np.linalg.eigvalsh(root @ s2 @ root)
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+
+
+def test_frechet_distance_matches_pytorch_fid_and_is_exact_for_singular_covariances():
   reference = torch_reference.import_pytorch_fid_score()
   rng = np.random.default_rng(0)
-  for n in (400, 40):  # 40 samples of 64 dims: singular covariances, a complex root that both refuse
+  for n in (400, 40):  # 40 samples of 64 dims: singular covariances, whose complex sqrtm pytorch-fid refuses
     a = rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64))
     b = rng.normal(0.3, 1.2, size=(n, 64)) @ rng.normal(size=(64, 64))
     (mu1, s1), (mu2, s2) = fid.statistics(a), fid.statistics(b)
-    try:
-      expected = reference.calculate_frechet_distance(mu1, s1, mu2, s2)
-    except ValueError as e:
-      assert n == 40 and 'Imaginary component' in str(e)
-      with pytest.raises(ValueError, match='imaginary component'):
-        fid.frechet_distance(mu1, s1, mu2, s2)
-    else:
-      assert n == 400 and fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+    ours = fid.frechet_distance(mu1, s1, mu2, s2)
+    assert ours == pytest.approx(exact_frechet_distance(mu1, s1, mu2, s2), rel=1e-6), n
+    if n == 400:
+      assert ours == pytest.approx(reference.calculate_frechet_distance(mu1, s1, mu2, s2), rel=1e-6)
       full_rank = mu1, s1
+    else:
+      with pytest.raises(ValueError, match='Imaginary component'):
+        reference.calculate_frechet_distance(mu1, s1, mu2, s2)
   near = np.outer(np.arange(1.0, 65.0), np.arange(1.0, 65.0))  # rank 1: pytorch-fid's eps offset path
   expected = reference.calculate_frechet_distance(mu1, near, mu2, near + np.eye(64))
   assert fid.frechet_distance(mu1, near, mu2, near + np.eye(64)) == pytest.approx(expected, rel=1e-6)
   mu, sigma = full_rank
   assert fid.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
   assert fid.frechet_distance(mu + 0.5, sigma, mu, sigma) == pytest.approx(64 * 0.25, rel=1e-5)
+  with pytest.raises(ValueError, match='not positive semi-definite'):
+    fid.frechet_distance(mu, sigma, mu, -sigma)
+  with pytest.raises(ValueError, match='NaN'):
+    fid.frechet_distance(mu, sigma, mu, np.full_like(sigma, np.nan))
 
 
 def write_pngs(directory, images):

@@ -220,14 +220,20 @@ def test_autoencoder_latents_ldm_pipeline_and_refusal(tmp_path, tfds_dir):
 @pytest.mark.parametrize('config', ['class_cond', 'uncond', 'super_res', 'inpainting', 'layout2img', 'semantic'])
 def test_other_configs_run_every_built_stage(tmp_path, tfds_dir, config):
   splits = "('validation',)" if config in ('class_cond', 'uncond') else "('validation','test')"
-  stream = ['--config.ldm.shuffle_window_shards=1'] if config == 'uncond' else []  # one 800-example shard at a time
+  # uncond streams one 800-example shard at a time and measures its VQ first stage (the txt2img pipeline, KL's).
+  only_uncond = (['--config.ldm.shuffle_window_shards=1'] if config == 'uncond' else
+                 ['--config.eval.autoencoder_metrics=False'])
   result = main(tmp_path, tfds_dir, '--config.autoencoder.total_steps=2', '--config.ldm.total_steps=4',
                 '--config.sampling.num_steps=5', '--config.sampling.batch_size=8',
-                f'--config.latents.splits={splits}', "--config.sampling.condition_split=test", *stream, config=config)
+                f'--config.latents.splits={splits}', "--config.sampling.condition_split=test", *only_uncond,
+                config=config)
   assert result.returncode == 0, result.stderr[-3000:]
   for stage in ('autoencoder', 'latents', 'ldm', 'sample', 'eval'):
     assert f'stage {stage:<12} ran' in result.stdout
   assert json.loads((tmp_path / 'eval' / 'ldm.json').read_text())['fid'] > 0
+  assert (tmp_path / 'eval' / 'autoencoder.json').exists() == (config == 'uncond')
+  if config == 'uncond':
+    assert json.loads((tmp_path / 'eval' / 'autoencoder.json').read_text())['psnr'] > 5
   losses = [float(v) for v in re.findall(r'train/loss=([0-9.]+)', result.stderr)]
   assert len(losses) == 3 and all(np.isfinite(losses))  # autoencoder step 2, ldm steps 2 and 4
   samples = np.load(tmp_path / 'samples' / 'samples.npz')

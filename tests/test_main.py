@@ -140,8 +140,12 @@ def test_autoencoder_table_matches_the_paper(name):
 
 def test_stage_names_are_the_pipeline_order():
   assert stages.STAGES == ('autoencoder', 'latents', 'ldm', 'sample', 'eval')
+  assert stages.selected('all') == stages.STAGES
+  assert stages.selected('sample, ldm') == ('ldm', 'sample')  # a list runs in pipeline order
   with pytest.raises(ValueError, match="Unknown stage 'train'"):
     stages.run('train', None, '/tmp')
+  with pytest.raises(ValueError, match="Unknown stage 'smaple'"):
+    stages.selected('ldm,smaple')
 
 
 def test_unwritable_or_full_workdir_is_refused_before_any_compute(tmp_path):

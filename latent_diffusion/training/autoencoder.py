@@ -47,7 +47,7 @@ class AutoencoderState(flax.struct.PyTreeNode):
 
 def uses_discriminator(config):
   loss = config.autoencoder.loss
-  return loss.disc_weight > 0 and loss.disc_start < config.autoencoder.total_steps
+  return loss.disc_weight > 0 and loss.disc_factor > 0 and loss.disc_start < config.autoencoder.total_steps
 
 
 def load_lpips(loss_config):
@@ -122,7 +122,7 @@ def make_train_step(config, model, discriminator, lpips_params):
       (g_loss, batch_stats), g_cot = jax.value_and_grad(g_fn, has_aux=True)(x_hat)
       last_layer = lambda cot: pullback((cot, zero_reg))[0]['decoder']['conv_out']['kernel']
       d_weight = losses.adaptive_weight(last_layer(nll_cot), last_layer(g_cot)) * loss_config.disc_weight
-      factor = (state.step >= loss_config.disc_start).astype(jnp.float32)
+      factor = (state.step >= loss_config.disc_start).astype(jnp.float32) * loss_config.disc_factor
       x_hat_cot = x_hat_cot + d_weight * factor * g_cot
 
       def d_loss_fn(d_params):

@@ -8,7 +8,6 @@ Every `eval_every` steps it draws the configured prompts with the EMA params (th
 import os
 
 from absl import logging
-from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +30,6 @@ from latent_diffusion.training import loop
 from latent_diffusion.training import train_state
 from latent_diffusion.weights import clip
 from latent_diffusion.weights import conditioning as weights_conditioning
-from latent_diffusion.weights import torch_convert
 from latent_diffusion.weights import unet as weights_unet
 
 STAGE = 'ldm'
@@ -163,18 +161,13 @@ def make_warm_start(config):
     params, frozen = dict(state.params), dict(state.frozen or {})
     ema = state.ema_params
     if ldm.init_from:
-      if epath.Path(ldm.init_from).is_dir():
-        unet_params = weights_unet.load(ldm.init_from, state.params['unet'], ldm.unet)
-      else:
-        state_dict = torch_convert.read_state_dict(ldm.init_from)
-        unet_params = weights_unet.convert_compvis(state_dict, state.params['unet'], ldm.unet, ldm.init_from)
-        if 'cond' in params and any(k.startswith(weights_conditioning.PREFIX) for k in state_dict):
-          cond_params = weights_conditioning.convert(state_dict, ldm.conditioning.kind, params['cond'],
-                                                     ldm.init_from)
-          params['cond'] = parallel.put(cond_params, shardings.params['cond'])
-          if ema is not None and 'cond' in ema:
-            ema = {**ema, 'cond': parallel.put(cond_params, shardings.ema_params['cond'])}
-          logging.info('Initialised the conditioning encoder from %s.', ldm.init_from)
+      unet_params, state_dict = weights_unet.load(ldm.init_from, state.params['unet'], ldm.unet)
+      if state_dict and 'cond' in params and any(k.startswith(weights_conditioning.PREFIX) for k in state_dict):
+        cond_params = weights_conditioning.convert(state_dict, ldm.conditioning.kind, params['cond'], ldm.init_from)
+        params['cond'] = parallel.put(cond_params, shardings.params['cond'])
+        if ema is not None and 'cond' in ema:
+          ema = {**ema, 'cond': parallel.put(cond_params, shardings.ema_params['cond'])}
+        logging.info('Initialised the conditioning encoder from %s.', ldm.init_from)
       params['unet'] = parallel.put(unet_params, shardings.params['unet'])
       logging.info('Initialised the UNet from %s.', ldm.init_from)
     if ldm.conditioning.kind == 'clip':

@@ -187,12 +187,15 @@ def convert_compvis(state_dict, abstract, unet_config, source):
 
 
 def load(path, abstract, unet_config):
-  """Params shaped like `abstract` for the `ldm.unet` architecture from a diffusers folder (its config.json must
-  describe the same architecture) or a CompVis LDM / Stable Diffusion checkpoint file (.ckpt, .safetensors)."""
+  """(params, state_dict): params shaped like `abstract` for the `ldm.unet` architecture from a diffusers folder
+  (its config.json must describe the same architecture) or a CompVis LDM / Stable Diffusion checkpoint file
+  (.ckpt, .safetensors), and that file's tensors (None for a folder), so its other models convert without a
+  second read."""
   if not epath.Path(path).is_dir():
-    return convert_compvis(torch_convert.read_state_dict(path), abstract, unet_config, str(path))
+    state_dict = torch_convert.read_state_dict(path)
+    return convert_compvis(state_dict, abstract, unet_config, str(path)), state_dict
   directory, info = _read_diffusers(path)
   ignored = ('dropout', 'upcast_attention') + (('num_heads',) if info['unet']['num_head_channels'] > 0 else ())
   torch_convert.check_config(unet_config, {k: v for k, v in info['unet'].items() if k not in ignored}, 'ldm.unet',
                              str(directory))
-  return _convert_diffusers(directory, abstract, len(unet_config.channel_mult))
+  return _convert_diffusers(directory, abstract, len(unet_config.channel_mult)), None
