@@ -70,8 +70,7 @@ def autoencoder(name, *, smoke=False):
       resolution=256, mid_attention=arch.get('mid_attention', True)))
   c.loss = ml_collections.ConfigDict(dict(
       perceptual_weight=1.0, lpips_weights='', disc_weight=0.0, disc_factor=1.0, disc_start=0, kl_weight=0.0,
-      codebook_weight=0.0,
-      disc_loss='hinge', disc_ndf=64, disc_num_layers=3))
+      codebook_weight=0.0, disc_loss='hinge', disc_ndf=64, disc_num_layers=3))
   c.loss.update(AUTOENCODER_LOSSES[name])
   # The rate applied: the reference's base rate 4.5e-6 x the batch (its scale_lr, one GPU, no accumulation).
   c.optimizer = ml_collections.ConfigDict(dict(learning_rate=4.5e-6 * 12, b1=0.5, b2=0.9, decay='constant'))
