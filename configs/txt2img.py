@@ -12,7 +12,6 @@ the default is kl-f8, or kl-f4 with `smoke`).
 import ml_collections
 
 from latent_diffusion import config_lib
-from latent_diffusion.data import captioned_shapes
 
 
 # Every colour, shape, size and position of captioned_shapes at least once; 4 seeds each make a 8x4 grid.
@@ -37,13 +36,9 @@ def get_config(arg=None):
   c.autoencoder = config_lib.autoencoder(arg.ae or ('kl-f4' if arg.smoke else 'kl-f8'), smoke=arg.smoke)
   # The latent store: posterior moments of every training image, encoded once by the frozen stage 1.
   c.latents = config_lib.latents(scale_factor=0.18215)  # the paper's scale for KL-f8; 0 measures 1/std(z)
-  # The paper's BERTEmbedder: a transformer trained jointly with the UNet (x-transformers' layout: 8 heads of 64,
-  # q/k/v without bias, BERT's 30522-token table); its width is the context dim. The zoo's checkpoint reads
-  # bert-base-uncased WordPiece ids: set tokenizer='wordpiece' and vocab_file to that vocab.txt.
   c.ldm = config_lib.ldm(
       unet=dict(model_channels=320, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2, 1), num_heads=8),
-      conditioning=dict(kind='text', tokenizer='bytes', max_length=77, width=1280, depth=32, num_heads=8,
-                        head_dim=64, qkv_bias=False, vocab_size=30522),
+      conditioning=config_lib.BERT_EMBEDDER,
       schedule='txt2img', learning_rate=1e-4, batch_size=680, total_steps=390_000)  # the paper's batch, rate, steps
   c.ldm.ema_decay = 0.0  # the reference's use_ema: False
   c.sampling = config_lib.sampling(
@@ -55,12 +50,6 @@ def get_config(arg=None):
 
   if arg.smoke:
     config_lib.shrink_for_smoke(c)
-    # The paper's WordPiece tokenizer with the dataset's own word list: one token per word, 19 with [CLS], [SEP].
-    # No transformer layers: in 1200 steps a jointly trained layer copies the colour word into every token,
-    # padding included, and the UNet reads that average, never the position words (swapping them left its loss
-    # unchanged, and 19% of objects at the right place); with token + position embeddings alone each word keeps
-    # its token, and the UNet's cross-attention learns where to look (49%; 85% with shrink_for_smoke's recipe).
-    c.ldm.conditioning.update(tokenizer='wordpiece', vocab_file=captioned_shapes.VOCAB_FILE, max_length=24,
-                              depth=0)
+    config_lib.smoke_text_encoder(c)
     c.sampling.update(guidance_scales=(3.0,), prompts=SMOKE_PROMPTS)
   return c

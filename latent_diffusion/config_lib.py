@@ -6,6 +6,8 @@ comma-separated words (`smoke`) or `key=value` pairs (`ae=vq-f4`): `configs/txt2
 
 import ml_collections
 
+from latent_diffusion.data import captioned_shapes
+
 # The paper's first-stage models (Table 8 / the CompVis model zoo): ch=128, num_res_blocks=2, dropout 0.
 AUTOENCODERS = {
     'kl-f4': dict(kind='kl', ch_mult=(1, 2, 4), attn_resolutions=(), z_channels=3),
@@ -68,6 +70,10 @@ def autoencoder(name, *, smoke=False):
       embed_dim=arch['z_channels'], n_embed=arch.get('n_embed', 0), l2_normalize=False, dropout=0.0, norm_groups=32,
       # The image size attn_resolutions refer to (the zoo's 256): larger or smaller inputs run the same blocks.
       resolution=256, mid_attention=arch.get('mid_attention', True)))
+  # The tiled first stage (the reference's split_input_params, off in every zoo yaml): encode and decode in crops
+  # of `size` latent pixels, `stride` apart, blended by border weights clipped to [min_weight, max_weight], for
+  # images larger than memory (its super-resolution notebook: size 128, stride 64). 0: whole images.
+  c.tiling = ml_collections.ConfigDict(dict(size=0, stride=0, min_weight=0.01, max_weight=0.5))
   c.loss = ml_collections.ConfigDict(dict(
       perceptual_weight=1.0, lpips_weights='', disc_weight=0.0, disc_factor=1.0, disc_start=0, kl_weight=0.0,
       codebook_weight=0.0, disc_loss='hinge', disc_ndf=64, disc_num_layers=3))
@@ -114,6 +120,23 @@ def latents(**overrides):
       splits=('train',), dtype='bfloat16', examples_per_shard=10_000, batch_size=256, scale_factor=0.0))
   c.update(overrides)
   return c
+
+
+# The paper's BERTEmbedder (txt2img-1p4B): a transformer trained jointly with the UNet (x-transformers' layout: 8
+# heads of 64, q/k/v without bias, BERT's 30522-token table); its width is the context dim. The zoo's checkpoint
+# reads bert-base-uncased WordPiece ids: set tokenizer='wordpiece' and vocab_file to that vocab.txt.
+BERT_EMBEDDER = dict(kind='text', tokenizer='bytes', max_length=77, width=1280, depth=32, num_heads=8, head_dim=64,
+                     qkv_bias=False, vocab_size=30522)
+
+
+def smoke_text_encoder(c):
+  """The smoke text encoder on captioned_shapes: the paper's WordPiece tokenizer with the dataset's own word list
+  (one token per word, 19 with [CLS], [SEP]) and no transformer layers. In 1200 steps a jointly trained layer
+  copies the colour word into every token, padding included, and the UNet reads that average, never the position
+  words (swapping them left its loss unchanged, and 19% of objects at the right place); with token + position
+  embeddings alone each word keeps its token, and the UNet's cross-attention learns where to look (49%; 85% with
+  shrink_for_smoke's recipe)."""
+  c.ldm.conditioning.update(tokenizer='wordpiece', vocab_file=captioned_shapes.VOCAB_FILE, max_length=24, depth=0)
 
 
 def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, total_steps, **optimizer):
@@ -235,12 +258,15 @@ def sampling(**overrides):
 
   Every guidance scale x condition x seed is drawn; conditions are `prompts` (or the lines of `prompt_file`)
   for text models, `class_ids` for class-conditional ones, and for concat-conditioned ones (super-resolution,
-  inpainting) `condition_indices`, examples of the latent store of `condition_split`. `latent_size` > 0
+  inpainting; hybrid ones with their stored captions) `condition_indices`, examples of the latent store of
+  `condition_split`. `latent_size` > 0
   samples larger latents than the training ones. `batch_size` must divide by the mesh's batch shards.
+  `negative_prompts` (text models; one for all conditions or one per condition) replace the null prompt in the
+  unconditional half of guidance.
   """
   c = ml_collections.ConfigDict(dict(
       sampler='ddim', num_steps=50, eta=0.0, guidance_scales=(1.0,), seeds=(0, 1, 2, 3), prompts=(),
-      prompt_file='', class_ids=(), condition_split='validation', condition_indices=(0, 1, 2, 3),
-      batch_size=8, latent_size=0))
+      prompt_file='', negative_prompts=(), class_ids=(), condition_split='validation',
+      condition_indices=(0, 1, 2, 3), batch_size=8, latent_size=0))
   c.update(overrides)
   return c

@@ -20,6 +20,7 @@ from latent_diffusion.evaluation import inception
 from latent_diffusion.losses import lpips as lpips_lib
 from latent_diffusion.models import autoencoder as autoencoder_lib
 from latent_diffusion.models import discriminator as discriminator_lib
+from latent_diffusion.models import tiling
 from latent_diffusion.training import autoencoder as autoencoder_stage
 from latent_diffusion.training import latents as latents_stage
 from latent_diffusion.training import ldm as ldm_stage
@@ -151,7 +152,7 @@ def _first_stage_params(model, mesh):
 def _latents(config, mesh):
   model = autoencoder_lib.create_autoencoder(config.autoencoder.model)
   concat = config.ldm.conditioning.concat
-  encode = latents_stage.make_encode(model, config.autoencoder.model.kind, concat)
+  encode = latents_stage.make_encode(model, config.autoencoder.model.kind, concat, config.autoencoder.tiling)
   b = config.latents.batch_size
   parallel.check_batch_size(b, mesh, 'latents.batch_size')
   r = config.data.resolution
@@ -170,9 +171,9 @@ def _sample(config, mesh):
   generator = generate.Generator(
       unet=unet, conditioner=conditioner, schedule=schedules.Schedule.from_config(config.ldm.schedule),
       parameterization=config.ldm.parameterization,
-      decoder=lambda params, z: model.apply({'params': params}, z, method='decode'), latent_shape=latent_shape,
-      scale_factor=metadata['scale_factor'], sampling_config=config.sampling, mesh=mesh, concat=concat,
-      segmentation_classes=config.ldm.conditioning.segmentation_classes)
+      decoder=lambda params, z: tiling.decode(model, params, z, config.autoencoder.tiling),
+      latent_shape=latent_shape, scale_factor=metadata['scale_factor'], sampling_config=config.sampling, mesh=mesh,
+      concat=concat, segmentation_classes=config.ldm.conditioning.segmentation_classes)
   b = config.sampling.batch_size
   inputs = _batched(jax.tree.map(jnp.asarray, conditioner.null), b, mesh)
   if concat:

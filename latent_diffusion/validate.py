@@ -23,6 +23,7 @@ from latent_diffusion.losses import autoencoder as autoencoder_losses
 from latent_diffusion.models import attention
 from latent_diffusion.models import autoencoder as autoencoder_models
 from latent_diffusion.models import conditioning
+from latent_diffusion.models import tiling
 from latent_diffusion.models import unet as unet_lib
 from latent_diffusion.training import evaluate
 from latent_diffusion.training import loop
@@ -93,6 +94,18 @@ def _autoencoder(found, c):
   found.divides('data.resolution', c.data.resolution, factor,
                 f"the first stage downsamples by {factor}; use a multiple of {factor} or another autoencoder")
   return factor
+
+
+def _tiling(found, t, latent_sizes):
+  """The tiled first stage: crops that tile every latent it encodes or decodes."""
+  found.number('autoencoder.tiling.size', t.size, low=0, integer=True)
+  if t.size:
+    found.number('autoencoder.tiling.stride', t.stride, low=1, high=t.size, integer=True)
+    found.number('autoencoder.tiling.min_weight', t.min_weight, low=0, high=0.5, low_open=True)
+    found.number('autoencoder.tiling.max_weight', t.max_weight, low=t.min_weight, high=0.5)
+    if isinstance(t.stride, int) and 1 <= t.stride <= t.size:
+      for side in filter(None, latent_sizes):
+        found.guard(lambda side=side: tiling.crop_starts(side, t.size, t.stride))
 
 
 def _ldm(found, c, latent_size):
@@ -246,6 +259,7 @@ def problems(config, mesh=None, stage='all', batches=True):
   factor = _autoencoder(found, c)
   resolution = c.data.resolution
   latent_size = resolution // factor if isinstance(resolution, int) and resolution % factor == 0 else 0
+  _tiling(found, c.autoencoder.tiling, (latent_size, c.sampling.latent_size))
   _ldm(found, c, latent_size)
   _sampling(found, c)
   _eval(found, c)

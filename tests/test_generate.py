@@ -28,20 +28,25 @@ def tiny_config(**sampling):
   return config
 
 
-def make_generator(config, mesh):
+_PARAMS = {}  # the perturbed params of each ldm section (initialising one compiles for ~20 s)
+
+
+def make_generator(config, mesh, condition_source=None):
   metadata = {'shape': [4, 4, 6], 'kind': 'kl', 'scale_factor': 0.5}
   unet, conditioner, init = ldm.create(config, metadata)
-  state, _ = parallel.create_sharded(init, mesh, jax.random.PRNGKey(0))
   generator = generate.Generator(
       unet=unet, conditioner=conditioner, schedule=schedules.Schedule.from_config(config.ldm.schedule),
       parameterization='eps', decoder=lambda params, z: jnp.tanh(params * jnp.tile(z, (1, 8, 8, 1))),
       latent_shape=ldm.sample_latent_shape(config, metadata), scale_factor=0.5, sampling_config=config.sampling,
-      mesh=mesh)
-  # Fresh params zero the SpatialTransformer's output projection (the context would not matter): perturb all.
-  leaves, tree = jax.tree.flatten(state.params)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  params = tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-  return generator, params
+      mesh=mesh, concat=config.ldm.conditioning.concat, condition_source=condition_source)
+  key = (config.ldm.to_json(), mesh.shape_tuple)
+  if key not in _PARAMS:
+    state, _ = parallel.create_sharded(init, mesh, jax.random.PRNGKey(0))
+    # Fresh params zero the SpatialTransformer's output projection (the context would not matter): perturb all.
+    leaves, tree = jax.tree.flatten(state.params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    _PARAMS[key] = tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  return generator, _PARAMS[key]
 
 
 def test_requests_put_each_prompt_s_seeds_together_in_config_order():
@@ -51,6 +56,34 @@ def test_requests_put_each_prompt_s_seeds_together_in_config_order():
   np.testing.assert_array_equal(requests.guidance_scales, [1.0] * 6 + [4.0] * 6)
   classes = generate.requests_from_config(tiny_config(class_ids=(3, 1), guidance_scales=(2.0,)).sampling, 'class')
   assert classes.conditions == [3, 3, 1, 1]
+
+
+def test_negative_prompts_are_one_for_all_or_one_per_prompt_of_a_text_model():
+  one = generate.requests_from_config(tiny_config(negative_prompts=('blurry',)).sampling, 'text')
+  assert one.negative_prompts == ['blurry'] * 12
+  each = generate.requests_from_config(tiny_config(negative_prompts=('a', 'b', 'c'), guidance_scales=(2.0,)).sampling,
+                                       'text')
+  assert each.negative_prompts == ['a', 'a', 'b', 'b', 'c', 'c']  # with its prompt's seeds
+  assert generate.requests_from_config(tiny_config().sampling, 'text').negative_prompts is None
+  with pytest.raises(ValueError, match='sampling.negative_prompts has 2 entries for 3 conditions'):
+    generate.requests_from_config(tiny_config(negative_prompts=('a', 'b')).sampling, 'text')
+  with pytest.raises(ValueError, match="sampling.negative_prompts needs a text model; ldm.conditioning.kind='class'"):
+    generate.requests_from_config(tiny_config(negative_prompts=('a',), class_ids=(1,)).sampling, 'class')
+
+
+def test_a_negative_prompt_replaces_the_null_prompt_in_guidance():
+  config = tiny_config(guidance_scales=(4.0,), seeds=(5,))
+  generator, params = make_generator(config, parallel.create_mesh(config.mesh))
+  # The empty negative prompt is the null prompt.
+  np.testing.assert_array_equal(generator.conditioner.inputs({'caption': np.array([''])})['tokens'],
+                                generator.conditioner.null['tokens'])
+  draw = lambda negatives, scale=4.0: generator(params, 0.3, generate.Requests(
+      list(PROMPTS), np.array([5, 5, 5], np.int32), np.full(3, scale, np.float32), negatives))
+  red = ['a large red circle in the center'] * 3
+  assert np.abs(draw(red).astype(int) - draw([''] * 3)).mean(axis=(1, 2, 3)).min() > 0.5
+  # At scale 1 guidance is the conditional half alone: the negative prompt has no say.
+  assert np.abs(draw(red, 1.0).astype(int) - draw([''] * 3, 1.0)).max() <= 1
+  assert generator.jitted._cache_size() == 1  # negative prompts and scales: one program
 
 
 def test_prompt_file_replaces_prompts_and_a_missing_one_is_named(tmp_path):
@@ -80,6 +113,30 @@ def test_each_image_depends_on_its_own_seed_and_prompt_only_and_scales_share_one
   assert np.abs(images[2].astype(int) - images[3]).mean() > 5  # seed 5 vs 6
   assert np.abs(images[6].astype(int) - images[8]).mean() > 0.5  # prompt 0 vs 1, scale 4
   assert np.abs(images[0].astype(int) - images[6]).mean() > 0.5  # scale 1 vs 4
+
+
+def test_a_hybrid_model_draws_each_stored_example_with_its_caption_and_its_concat_condition():
+  config = tiny_config(condition_indices=(0, 2), seeds=(5,), guidance_scales=(3.0,))
+  config.ldm.conditioning.concat = 'inpainting'
+  rng = np.random.default_rng(0)
+  source = {'caption': np.array([p.encode() for p in PROMPTS]), 'inpaint_mask': np.ones((3, 4, 4, 1), np.float32),
+            'masked_latent': rng.normal(size=(3, 4, 4, 3)).astype(np.float32)}
+  mesh = parallel.create_mesh(config.mesh)
+  requests = generate.requests_from_config(config.sampling, 'text', 'inpainting')
+  assert requests.conditions == [0, 2]  # stored example indices, as for concat models
+  generator, params = make_generator(config, mesh, source)
+  images = generator(params, 0.3, requests)
+  # Each image is its example's: drawn alone it is the same, and it changes with the caption or the concat input.
+  alone = generate.Requests([2], np.array([5], np.int32), np.array([3.0], np.float32))
+  np.testing.assert_array_equal(generator(params, 0.3, alone)[0], images[1])
+  generator.condition_source = dict(source, caption=source['caption'][::-1])  # read on the host, per batch
+  assert np.abs(generator(params, 0.3, requests)[1].astype(int) - images[1]).mean() > 0.5
+  generator.condition_source = dict(source, masked_latent=-source['masked_latent'])
+  assert np.abs(generator(params, 0.3, requests)[1].astype(int) - images[1]).mean() > 0.5
+  # Prompt agreement reads each image against its stored caption.
+  assert ldm.sample_scalars(config, requests, images, source) == {
+      f'prompt_agreement/{k}': v for k, v in prompt_agreement.prompt_agreement(images, [PROMPTS[0], PROMPTS[2]]).items()
+      if k != 'objects'}
 
 
 def test_sampling_flops_grow_by_one_guided_unet_pass_per_step():

@@ -126,9 +126,9 @@ def test_shard_sizes_follow_from_the_metadata():
   assert latent_store.shard_sizes({'shards': names, 'count': 20, 'examples_per_shard': 4}) == [4, 4, 2, 4, 4, 2]
 
 
-def main(workdir, tfds_dir, *overrides, config='txt2img'):
+def main(workdir, tfds_dir, *overrides, config='txt2img', variant=''):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  args = [f'--config=configs/{config}.py:smoke', f'--workdir={workdir}', f'--config.data.data_dir={tfds_dir}',
+  args = [f'--config=configs/{config}.py:smoke{variant}', f'--workdir={workdir}', f'--config.data.data_dir={tfds_dir}',
           '--config.autoencoder.batch_size=8',
           '--config.autoencoder.eval.num_images=8', "--config.latents.splits=('validation',)",
           '--config.latents.examples_per_shard=800', '--config.latents.batch_size=200',
@@ -219,6 +219,8 @@ def test_autoencoder_latents_ldm_pipeline_and_refusal(tmp_path, tfds_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize('config', ['class_cond', 'uncond', 'super_res', 'inpainting', 'layout2img', 'semantic'])
 def test_other_configs_run_every_built_stage(tmp_path, tfds_dir, config):
+  # inpainting runs its hybrid variant: the masked image concatenated and the stored caption cross-attended.
+  variant = ',text' if config == 'inpainting' else ''
   splits = "('validation',)" if config in ('class_cond', 'uncond') else "('validation','test')"
   # uncond streams one 800-example shard at a time and measures its VQ first stage (the txt2img pipeline, KL's).
   only_uncond = (['--config.ldm.shuffle_window_shards=1'] if config == 'uncond' else
@@ -226,7 +228,7 @@ def test_other_configs_run_every_built_stage(tmp_path, tfds_dir, config):
   result = main(tmp_path, tfds_dir, '--config.autoencoder.total_steps=2', '--config.ldm.total_steps=4',
                 '--config.sampling.num_steps=5', '--config.sampling.batch_size=8',
                 f'--config.latents.splits={splits}', "--config.sampling.condition_split=test", *only_uncond,
-                config=config)
+                config=config, variant=variant)
   assert result.returncode == 0, result.stderr[-3000:]
   for stage in ('autoencoder', 'latents', 'ldm', 'sample', 'eval'):
     assert f'stage {stage:<12} ran' in result.stdout
@@ -245,12 +247,13 @@ def test_other_configs_run_every_built_stage(tmp_path, tfds_dir, config):
     store, metadata = latent_store.load(tmp_path / 'latents' / 'test')
     assert metadata['concat'] == {'super_res': 'low_res', 'inpainting': 'inpainting', 'semantic': 'segmentation',
                                   'layout2img': ''}[config]
-    if config == 'layout2img':  # each stored layout reads back as its example's caption; samples are scored
+    if config in ('layout2img', 'inpainting'):  # layout and hybrid models' samples are scored
+      agreement = json.loads((tmp_path / 'samples' / 'prompt_agreement.json').read_text())
+      assert 0 <= agreement['prompt_agreement/colour_position'] <= agreement['prompt_agreement/colour'] <= 1
+    if config == 'layout2img':  # each stored layout reads back as its example's caption
       assert store['boxes'].shape == (2000, 2, 4) and store['object_labels'].shape == (2000, 2)
       assert [captioned_shapes.caption_of_layout(b, l) for b, l in zip(store['boxes'], store['object_labels'])] == [
           c.decode() for c in store['caption']]
-      agreement = json.loads((tmp_path / 'samples' / 'prompt_agreement.json').read_text())
-      assert 0 <= agreement['prompt_agreement/colour_position'] <= agreement['prompt_agreement/colour'] <= 1
     elif config == 'semantic':  # the class-id maps at image resolution, background the most common
       assert store['segmentation'].shape == (2000, 32, 32) and store['segmentation'].dtype == np.uint8
       np.testing.assert_array_equal(np.unique(store['segmentation']), [0, 1, 2, 3])

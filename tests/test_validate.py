@@ -123,7 +123,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
-@pytest.mark.parametrize('name', shipped_configs.NAMES)
+@pytest.mark.parametrize('name', shipped_configs.NAMES + shipped_configs.VARIANTS)
 def test_every_shipped_config_passes(name):
   """No false alarms: the full configs on one device, and their smoke variants on the 8 test devices."""
   one_device = parallel.create_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])

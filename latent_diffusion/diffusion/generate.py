@@ -25,10 +25,17 @@ SAMPLERS = {'ddim': sampling.ddim_sample, 'ddpm': sampling.ddpm_sample, 'plms': 
 
 @dataclasses.dataclass
 class Requests:
-  """What to draw, one entry per image in output order: conditions (prompts or class ids), seeds, scales."""
+  """What to draw, one entry per image in output order: conditions (prompts or class ids), seeds, scales, and
+  for text models optionally negative prompts (the unconditional half of guidance; None: the null prompt)."""
   conditions: list
   seeds: np.ndarray
   guidance_scales: np.ndarray
+  negative_prompts: list = None
+
+  def rows(self, index):
+    """The requests at positions `index`."""
+    negative = None if self.negative_prompts is None else [self.negative_prompts[i] for i in index]
+    return Requests([self.conditions[i] for i in index], self.seeds[index], self.guidance_scales[index], negative)
 
 
 def conditions_are_stored(kind, concat):
@@ -39,11 +46,9 @@ def conditions_are_stored(kind, concat):
 def requests_from_config(sampling_config, kind, concat=''):
   """Every (guidance scale, condition, seed) of the `sampling` section, the images of one condition
   consecutive in the config's order. Prompts come from `prompt_file` (one per line) when it is set; the
-  conditions of concat- and layout-conditioned models are example indices of `sampling.condition_split`."""
+  conditions of concat- and layout-conditioned models are example indices of `sampling.condition_split` (a
+  hybrid model, concat and text, draws each stored example with its stored caption)."""
   s = sampling_config
-  if concat and kind != 'none':
-    raise ValueError(f"Sampling a model with both ldm.conditioning.concat='{concat}' and kind='{kind}' is not "
-                     "supported: the `sample` stage draws concat models per stored example (kind='none').")
   if conditions_are_stored(kind, concat):
     conditions = [int(i) for i in s.condition_indices]
   elif kind in conditioning.TEXT_KINDS:
@@ -61,9 +66,24 @@ def requests_from_config(sampling_config, kind, concat=''):
   if not conditions:
     field = 'prompts' if kind in conditioning.TEXT_KINDS else 'class_ids'
     raise ValueError(f'Nothing to sample: set sampling.{field}.')
-  grid = [(scale, c, seed) for scale in s.guidance_scales for c in conditions for seed in s.seeds]
-  return Requests(conditions=[c for _, c, _ in grid], seeds=np.array([seed for *_, seed in grid], np.int32),
-                  guidance_scales=np.array([scale for scale, *_ in grid], np.float32))
+  negatives = _negative_prompts(s.negative_prompts, kind, len(conditions))
+  grid = [(scale, i, seed) for scale in s.guidance_scales for i in range(len(conditions)) for seed in s.seeds]
+  return Requests(conditions=[conditions[i] for _, i, _ in grid],
+                  seeds=np.array([seed for *_, seed in grid], np.int32),
+                  guidance_scales=np.array([scale for scale, *_ in grid], np.float32),
+                  negative_prompts=None if negatives is None else [negatives[i] for _, i, _ in grid])
+
+
+def _negative_prompts(negative_prompts, kind, count):
+  """sampling.negative_prompts per condition: one for all, or one per condition; None when unset."""
+  if not negative_prompts:
+    return None
+  if kind not in conditioning.TEXT_KINDS:
+    raise ValueError(f"sampling.negative_prompts needs a text model; ldm.conditioning.kind='{kind}'. Leave it empty.")
+  if len(negative_prompts) not in (1, count):
+    raise ValueError(f'sampling.negative_prompts has {len(negative_prompts)} entries for {count} conditions; give '
+                     'one for all or one per condition.')
+  return list(negative_prompts) * (count if len(negative_prompts) == 1 else 1)
 
 
 class Generator:
@@ -85,12 +105,14 @@ class Generator:
     options = dict(eta=s.eta) if s.sampler == 'ddim' else {}
 
     def generate(params, decoder_params, inputs, seeds, guidance_scale):
-      condition = inputs.get('concat')
-      context = conditioner.encode(params['cond'], {k: v for k, v in inputs.items() if k != 'concat'})
+      inputs = dict(inputs)
+      condition, negative = inputs.pop('concat', None), inputs.pop('negative_tokens', None)
+      context = conditioner.encode(params['cond'], inputs)
       model = concat_lib.with_concat(lambda x, t, c: unet.apply({'params': params['unet']}, x, t, c), condition)
       eps_fn = sampling.as_eps_fn(model, parameterization, schedule)
       if context is not None:  # unconditional models have nothing to guide
-        null = conditioner.encode(params['cond'], jax.tree.map(jnp.asarray, conditioner.null))
+        null = jax.tree.map(jnp.asarray, conditioner.null) if negative is None else {'tokens': negative}
+        null = conditioner.encode(params['cond'], null)
         eps_fn = sampling.guided(eps_fn, guidance_scale, jnp.broadcast_to(null, context.shape))
       x_T = jax.vmap(lambda seed: jax.random.normal(jax.random.PRNGKey(seed), latent_shape))(seeds)
       step_keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.PRNGKey(seed), 1))(seeds)  # per image
@@ -109,21 +131,23 @@ class Generator:
       index = np.flatnonzero(requests.guidance_scales == scale)
       for start in range(0, len(index), self.batch_size):
         rows = index[start:start + self.batch_size]
-        images.append(self._batch(params, decoder_params, [requests.conditions[i] for i in rows],
-                                  requests.seeds[rows], scale))
+        images.append(self._batch(params, decoder_params, requests.rows(rows), scale))
         order.append(rows)
     pixels = np.empty((len(requests.seeds),) + images[0].shape[1:], np.uint8)
     pixels[np.concatenate(order)] = np.concatenate(images)
     return pixels
 
-  def _batch(self, params, decoder_params, conditions, seeds, scale):
-    """One padded global batch; every host passes its own rows and receives all of them."""
-    n, pad = len(seeds), self.batch_size - len(seeds)
-    conditions = conditions + conditions[-1:] * pad
-    seeds = np.concatenate([seeds, np.repeat(seeds[-1:], pad)])
+  def _batch(self, params, decoder_params, requests, scale):
+    """One padded global batch of one guidance scale; every host passes its own rows and receives all of them."""
+    n, pad = len(requests.seeds), self.batch_size - len(requests.seeds)
+    conditions = requests.conditions + requests.conditions[-1:] * pad
+    seeds = np.concatenate([requests.seeds, np.repeat(requests.seeds[-1:], pad)])
     per_host = self.batch_size // jax.process_count()
     rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
     local = {'seeds': seeds[rows]}
+    if requests.negative_prompts is not None:
+      negatives = requests.negative_prompts + requests.negative_prompts[-1:] * pad
+      local['negative_tokens'] = self.conditioner.inputs({'caption': np.array(negatives[rows])})['tokens']
     if self.condition_source is not None:  # conditions index stored examples
       stored = {k: v[np.array(conditions[rows])] for k, v in self.condition_source.items()}
     else:

@@ -10,6 +10,7 @@ from latent_diffusion import parallel
 from latent_diffusion.data import input_pipeline
 from latent_diffusion.data import latent_store
 from latent_diffusion.diffusion import concat as concat_lib
+from latent_diffusion.models import tiling
 from latent_diffusion.training import autoencoder as autoencoder_stage
 from latent_diffusion.training import checkpoint
 
@@ -38,17 +39,18 @@ def measure_scale(arrays, kind, seed=0):
   return np.array([latent.sum(), (latent**2).sum(), latent.size])
 
 
-def make_encode(model, kind, concat):
-  """A jitted (params, images, masks) -> {'latent': ..., + the concat conditions} for the store."""
+def make_encode(model, kind, concat, tiles):
+  """A jitted (params, images, masks) -> {'latent': ..., + the concat conditions} for the store; `tiles`: the
+  autoencoder.tiling section."""
   concat_lib.check(concat)
 
   def encode(params, x, masks):
-    out = {'latent': model.apply({'params': params}, x, method='encode')}
+    out = {'latent': tiling.encode(model, params, x, tiles)}
     size = out['latent'].shape[1]
     if concat == 'low_res':
       out['low_res'] = concat_lib.area_downsample(x, size)
     elif concat == 'inpainting':
-      masked = model.apply({'params': params}, x * (1 - masks), method='encode')
+      masked = tiling.encode(model, params, x * (1 - masks), tiles)
       out['masked_latent'] = jnp.split(masked, 2, axis=-1)[0] if kind == 'kl' else masked  # the posterior mode
       out['inpaint_mask'] = concat_lib.area_downsample(masks, size)
     return out
@@ -74,7 +76,7 @@ def run(config, workdir):
   kind = config.autoencoder.model.kind
   concat = config.ldm.conditioning.concat
   check_data(config)
-  encode = make_encode(model, kind, concat)
+  encode = make_encode(model, kind, concat, config.autoencoder.tiling)
   for split in config.latents.splits:
     directory = latent_store.split_dir(workdir, split)
     existing = latent_store.read_metadata(directory)

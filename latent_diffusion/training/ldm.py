@@ -23,6 +23,7 @@ from latent_diffusion.diffusion import schedules
 from latent_diffusion.evaluation import evaluator as evaluator_lib
 from latent_diffusion.evaluation import prompt_agreement
 from latent_diffusion.models import conditioning
+from latent_diffusion.models import tiling
 from latent_diffusion.models import unet as unet_lib
 from latent_diffusion.training import autoencoder as autoencoder_stage
 from latent_diffusion.training import checkpoint
@@ -234,7 +235,7 @@ def make_generator(config, workdir, mesh, unet, conditioner, metadata):
   generator = generate.Generator(
       unet=unet, conditioner=conditioner, schedule=schedules.Schedule.from_config(config.ldm.schedule),
       parameterization=config.ldm.parameterization,
-      decoder=lambda params, z: ae_model.apply({'params': params}, z, method='decode'),
+      decoder=lambda params, z: tiling.decode(ae_model, params, z, config.autoencoder.tiling),
       latent_shape=sample_latent_shape(config, metadata), scale_factor=metadata['scale_factor'],
       sampling_config=config.sampling, mesh=mesh, concat=concat,
       segmentation_classes=config.ldm.conditioning.segmentation_classes, condition_source=source)
@@ -266,14 +267,16 @@ def make_evaluate(config, workdir, generator, ae_params, fid_evaluator=None):
 def sample_scalars(config, requests, images, condition_source=None):
   """Prompt agreement of text and layout samples of `captioned_shapes` (the fraction of prompted objects drawn
   with the right colour at the right position, read from pixels; a layout is read as its caption); nothing for
-  other data. Layout conditions index `condition_source`, the stored examples."""
-  kind = config.ldm.conditioning.kind
-  if kind not in conditioning.TEXT_KINDS + ('layout',) or not config.data.name.startswith('captioned_shapes'):
+  other data. Layout and hybrid (concat and text) conditions index `condition_source`, the stored examples."""
+  cond = config.ldm.conditioning
+  if cond.kind not in conditioning.TEXT_KINDS + ('layout',) or not config.data.name.startswith('captioned_shapes'):
     return {}
   prompts = requests.conditions
-  if kind == 'layout':
+  if cond.kind == 'layout':
     prompts = [captioned_shapes.caption_of_layout(condition_source['boxes'][i], condition_source['object_labels'][i])
                for i in requests.conditions]
+  elif generate.conditions_are_stored(cond.kind, cond.concat):
+    prompts = [condition_source['caption'][i].decode() for i in requests.conditions]
   agreement = prompt_agreement.prompt_agreement(images, prompts)
   return {f'prompt_agreement/{k}': v for k, v in agreement.items() if k != 'objects'}
 

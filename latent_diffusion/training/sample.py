@@ -1,8 +1,8 @@
 """The `sample` stage: draws the configured prompts (or class ids) with the trained LDM's EMA params.
 
 Writes WORKDIR/samples/: `grid_cfg<scale>.png` per guidance scale (a row per condition, a column per seed),
-`samples.npz` (`images` uint8 [N, H, W, 3]; per image its `prompts`, `labels` or `condition_indices`, `seeds` and
-`guidance_scales`, the images of one condition consecutive in the config's order; `ldm_step`), TensorBoard
+`samples.npz` (`images` uint8 [N, H, W, 3]; per image its `prompts`, `labels` or `condition_indices`, `seeds`,
+`guidance_scales` and any `negative_prompts`, the images of one condition consecutive in the config's order; `ldm_step`), TensorBoard
 grids, and on `captioned_shapes` `prompt_agreement.json`.
 """
 
@@ -34,6 +34,8 @@ def _saved_request(config, workdir):
   requests = generate.requests_from_config(config.sampling, cond.kind, cond.concat)
   step = checkpoint.latest_saved_step(ldm.checkpoint_dir(workdir))
   saved = {'seeds': requests.seeds, 'guidance_scales': requests.guidance_scales, 'ldm_step': np.array(step)}
+  if requests.negative_prompts is not None:
+    saved['negative_prompts'] = np.array(requests.negative_prompts)
   if generate.conditions_are_stored(cond.kind, cond.concat):
     key = 'condition_indices'
   else:
