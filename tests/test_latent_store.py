@@ -221,18 +221,20 @@ def test_autoencoder_latents_ldm_pipeline_and_refusal(tmp_path, tfds_dir):
 def test_other_configs_run_every_built_stage(tmp_path, tfds_dir, config):
   # inpainting runs its hybrid variant: the masked image concatenated and the stored caption cross-attended.
   variant = ',text' if config == 'inpainting' else ''
-  splits = "('validation',)" if config in ('class_cond', 'uncond') else "('validation','test')"
   # uncond streams one 800-example shard at a time and measures its VQ first stage (the txt2img pipeline, KL's).
   only_uncond = (['--config.ldm.shuffle_window_shards=1'] if config == 'uncond' else
                  ['--config.eval.autoencoder_metrics=False'])
+  # The eval stage of each way of choosing conditions: classes, none, stored layouts, stored hybrid examples (the
+  # concat-only super_res and semantic draw theirs as inpainting does).
+  stages = ('autoencoder', 'latents', 'ldm', 'sample') + (() if config in ('super_res', 'semantic') else ('eval',))
   result = main(tmp_path, tfds_dir, '--config.autoencoder.total_steps=2', '--config.ldm.total_steps=4',
-                '--config.sampling.num_steps=5', '--config.sampling.batch_size=8',
-                f'--config.latents.splits={splits}', "--config.sampling.condition_split=test", *only_uncond,
-                config=config, variant=variant)
+                '--config.sampling.num_steps=5', '--config.sampling.batch_size=8', *only_uncond,
+                f'--stage={",".join(stages)}', config=config, variant=variant)
   assert result.returncode == 0, result.stderr[-3000:]
-  for stage in ('autoencoder', 'latents', 'ldm', 'sample', 'eval'):
+  for stage in stages:
     assert f'stage {stage:<12} ran' in result.stdout
-  assert json.loads((tmp_path / 'eval' / 'ldm.json').read_text())['fid'] > 0
+  if 'eval' in stages:
+    assert json.loads((tmp_path / 'eval' / 'ldm.json').read_text())['fid'] > 0
   assert (tmp_path / 'eval' / 'autoencoder.json').exists() == (config == 'uncond')
   if config == 'uncond':
     assert json.loads((tmp_path / 'eval' / 'autoencoder.json').read_text())['psnr'] > 5
@@ -242,9 +244,9 @@ def test_other_configs_run_every_built_stage(tmp_path, tfds_dir, config):
   if config == 'class_cond':  # 6 classes x 4 seeds
     np.testing.assert_array_equal(samples['labels'], np.repeat(range(0, 18, 3), 4))
     np.testing.assert_array_equal(samples['seeds'], list(range(4)) * 6)
-  elif config in ('super_res', 'inpainting', 'layout2img', 'semantic'):  # 8 stored test examples x 4 seeds
+  elif config in ('super_res', 'inpainting', 'layout2img', 'semantic'):  # 8 stored examples x 4 seeds
     np.testing.assert_array_equal(samples['condition_indices'], np.repeat(range(8), 4))
-    store, metadata = latent_store.load(tmp_path / 'latents' / 'test')
+    store, metadata = latent_store.load(tmp_path / 'latents' / 'validation')
     assert metadata['concat'] == {'super_res': 'low_res', 'inpainting': 'inpainting', 'semantic': 'segmentation',
                                   'layout2img': ''}[config]
     if config in ('layout2img', 'inpainting'):  # layout and hybrid models' samples are scored

@@ -18,11 +18,11 @@ def border_weights(h, w, min_weight, max_weight):
   return np.clip(np.minimum(np.minimum(y, 1 - y), np.minimum(x, 1 - x)), min_weight, max_weight)
 
 
-def crop_starts(side, size, stride, field='autoencoder.tiling.stride'):
+def crop_starts(side, size, stride):
   """Where the crops along one side start: every `stride` from 0, the last one ending at the side."""
   size, stride = min(size, side), min(stride, side)
   if (side - size) % stride:
-    raise ValueError(f'{field}: crops of {size} every {stride} do not end at the side of {side}; choose a stride '
+    raise ValueError(f'autoencoder.tiling.stride: crops of {size} every {stride} do not end at the side of {side}; choose a stride '
                      f'that divides {side - size}.')
   return list(range(0, side - size + 1, stride)), size
 
