@@ -153,16 +153,17 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
       attention='auto', upcast_attention=False, remat='', remat_policy='nothing_saveable', dtype='float32'))
   c.unet.update(unet)
   # kind: 'text' (trained with the UNet), 'clip' (frozen, from the Stable Diffusion or CLIPTextModel folder
-  # `pretrained`), 'class', 'layout' (object boxes and classes as tokens on a `layout_grid` of corner positions,
-  # read by a transformer like text) or 'none'; concat: '', 'low_res' (super-resolution), 'inpainting' or
+  # `pretrained`), 'class', 'layout' (object boxes and classes as tokens, read by a transformer like text:
+  # `layout_tokens` 'reference', the reference's ids over `vocab_size`, or 'grid', ours, corners on a
+  # `layout_grid` lattice with ids of their own) or 'none'; concat: '', 'low_res' (super-resolution), 'inpainting' or
   # 'segmentation' (a map of `segmentation_classes` classes, as class fractions at the latent size, mapped to
   # `segmentation_map_channels` by a learned 1x1 conv when > 0, the reference's SpatialRescaler).
   # The trained transformer of 'text' and 'layout': `vocab_size` embedding rows (0: the tokenizer's), `num_heads`
   # of `head_dim` (0: width / num_heads) and q/k/v with or without bias (the reference BERTEmbedder: 64, none).
   c.conditioning = ml_collections.ConfigDict(dict(
       kind='none', tokenizer='bytes', vocab_file='', pretrained='', max_length=77, width=512, depth=0,
-      num_heads=8, head_dim=0, qkv_bias=True, vocab_size=0, num_classes=0, layout_grid=0, concat='',
-      segmentation_classes=0, segmentation_map_channels=0))
+      num_heads=8, head_dim=0, qkv_bias=True, vocab_size=0, num_classes=0, layout_tokens='reference',
+      layout_grid=0, concat='', segmentation_classes=0, segmentation_map_channels=0))
   c.conditioning.update(conditioning)
   c.init_from = ''  # UNet weights to start from (fine-tuning): a diffusers folder or a CompVis LDM checkpoint
   beta_start, beta_end = SCHEDULE_ENDS[schedule]

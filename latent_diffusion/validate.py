@@ -175,6 +175,10 @@ def _conditioning(found, c):
     found.append("ldm.conditioning.kind='class' needs ldm.conditioning.num_classes >= 1 (with the null class).")
   if cond.kind == 'layout' and not c.data.objects_key:
     found.append("ldm.conditioning.kind='layout' needs data.objects_key (the feature holding boxes and labels).")
+  if cond.kind == 'layout':
+    found.choice('ldm.conditioning.layout_tokens', cond.layout_tokens, conditioning.LAYOUT_TOKENS)
+    if cond.layout_tokens in conditioning.LAYOUT_TOKENS:
+      found.guard(lambda: conditioning.layout_tokenizer(cond))
   if cond.concat == 'segmentation' and not c.data.segmentation_key:
     found.append("ldm.conditioning.concat='segmentation' needs data.segmentation_key (the class-id map).")
   if cond.concat in concat_lib.KINDS:

@@ -86,6 +86,26 @@ def test_a_perfect_denoiser_has_zero_loss_and_weights_follow_min_snr(parameteriz
   np.testing.assert_allclose(x0_weight, np.minimum(snr, 5.0), rtol=1e-4)
 
 
+def test_reference_layout_tokens_are_taming_s_bounding_box_builder_with_the_whole_image_as_crop():
+  """By hand from taming-transformers' ObjectsBoundingBoxConditionalBuilder (8192 tokens: S = 90, none = 8191):
+  a corner (x, y) is round(y * 89) * 90 + round(x * 89), an object (class, corner(x0, y0), corner(x0 + w, y0 + h)),
+  and with encode_crop the crop's two corners close the sequence, here the whole image (0, 0, 1, 1)."""
+  tokenizer = conditioning.ReferenceLayoutTokenizer(8192, 80)
+  assert (tokenizer.grid, tokenizer.pad, tokenizer.vocab_size) == (90, 8191, 8192)
+  boxes = np.array([[[0.25, 0.5, 0.75, 1.0], [0.1, 0.2, 0.3, 0.6]], [[0.0, 0.0, 1.0, 1.0]] * 2])  # ymin, xmin, ...
+  ids = tokenizer(boxes, np.array([[3, 79], [-1, -1]]), 14)  # 4 object slots and the crop
+  # x 0.5 -> round(44.5) = 44, y 0.25 -> 22, x 1 -> 89, y 0.75 -> 67; x 0.2 -> 18, y 0.1 -> 9, x 0.6 -> 53, y 0.3 -> 27.
+  np.testing.assert_array_equal(ids[0], [3, 22 * 90 + 44, 67 * 90 + 89, 79, 9 * 90 + 18, 27 * 90 + 53] + [8191] * 6
+                                + [0, 89 * 90 + 89])
+  np.testing.assert_array_equal(ids[1], [8191] * 12 + [0, 8099])
+  layout2img = tokenizer(np.zeros((1, 30, 4)), np.zeros((1, 30), np.int32), 92)  # the reference's 92 positions
+  np.testing.assert_array_equal(layout2img[0, 90:], [0, 8099])
+  with pytest.raises(ValueError, match='5 objects and the crop take 17 tokens, more than ldm.conditioning.max_length=14'):
+    tokenizer(np.zeros((1, 5, 4)), np.zeros((1, 5), np.int32), 14)
+  with pytest.raises(ValueError, match='num_classes < vocab_size'):
+    conditioning.ReferenceLayoutTokenizer(80, 80)
+
+
 def test_layout_tokens_are_class_then_corners_on_the_grid_padded():
   tokenizer = conditioning.LayoutTokenizer(16, 18)
   assert (tokenizer.pad, tokenizer.vocab_size) == (16 * 16 + 18, 16 * 16 + 19)

@@ -68,6 +68,12 @@ CASES = [
     (['--config=configs/semantic.py:smoke', '--config.ldm.conditioning.segmentation_classes=0'],
      'ldm.conditioning.segmentation_classes'),
     (['--config=configs/layout2img.py:smoke', '--config.data.objects_key='], 'data.objects_key'),
+    (['--config=configs/layout2img.py:smoke', '--config.ldm.conditioning.layout_tokens=taming'],
+     "ldm.conditioning.layout_tokens='taming'"),
+    (['--config=configs/layout2img.py:smoke', '--config.ldm.conditioning.layout_tokens=reference',
+      '--config.ldm.conditioning.vocab_size=18'], 'ldm.conditioning.vocab_size >= 4 (it is 18) and 1 <= num_classes'),
+    ([SMOKE, '--config.autoencoder.tiling.size=4', '--config.autoencoder.tiling.stride=3'],
+     'autoencoder.tiling.stride: crops of 4 every 3'),
     # Mistakes in the flags and the config file itself.
     ([SMOKE, '--config.ldm.batchsize=8'], """--config.ldm.batchsize: the config has no field 'batchsize'; did you """
                                           'mean "batch_size"'),

@@ -2,6 +2,7 @@
 BERTEmbedder role), and the class embedder with a null class for classifier-free guidance."""
 
 import collections
+import math
 import unicodedata
 
 import flax.linen as nn
@@ -97,10 +98,10 @@ def create_tokenizer(conditioning_config):
 
 
 class LayoutTokenizer:
-  """Object layouts as token sequences for a transformer (the paper's layout-to-image conditioning, after
-  taming-transformers' bounding-box builder): per object its class token, then its top-left and bottom-right
-  corners as cells of a `grid` x `grid` lattice; padded with one pad token. Ids: corners 0 .. grid^2 - 1,
-  classes grid^2 + label, pad grid^2 + num_classes."""
+  """Object layouts as token sequences for a transformer, ours (layout_tokens='grid'): as the reference's, per
+  object its class token, then its top-left and bottom-right corners as cells of a `grid` x `grid` lattice, but
+  each kind with ids of its own and no crop: corners 0 .. grid^2 - 1, classes grid^2 + label, the pad
+  grid^2 + num_classes. The smoke config's tiny vocabulary (18 classes, 16 x 16 cells) needs no shared table."""
 
   def __init__(self, grid, num_classes):
     if grid < 2 or num_classes < 1:
@@ -126,6 +127,55 @@ class LayoutTokenizer:
                        self.corner(boxes[..., 2], boxes[..., 3])], axis=-1)
     tokens = np.where(labels[..., None] >= 0, tokens, self.pad).reshape(len(labels), -1)
     return np.pad(tokens, ((0, 0), (0, max_length - tokens.shape[1])), constant_values=self.pad)
+
+
+class ReferenceLayoutTokenizer:
+  """The reference layout2img's layout tokens (taming-transformers' bounding-box builder, its crop encoded): per
+  object its class, then its top-left and bottom-right corners as y * S + x on an S x S lattice (S the integer
+  square root of `vocab_size`; classes and corners share the ids), empty object slots as triples of the pad id
+  vocab_size - 1, and after the (max_length - 2) // 3 slots the crop's two corners: our boxes are relative to the
+  image as cropped, so the crop is the whole image, 0 and S^2 - 1 (the reference keeps boxes in the uncropped
+  image and encodes the crop)."""
+
+  def __init__(self, vocab_size, num_classes):
+    self.grid = math.isqrt(vocab_size)
+    if self.grid < 2 or not 1 <= num_classes < vocab_size:
+      raise ValueError(f'Reference layout tokens need ldm.conditioning.vocab_size >= 4 (it is {vocab_size}) and 1 <= '
+                       f'num_classes < vocab_size (it is {num_classes}).')
+    self.num_classes, self.pad, self.vocab_size = num_classes, vocab_size - 1, vocab_size
+
+  def corner(self, y, x):
+    cell = lambda v: np.round(np.clip(np.asarray(v), 0, 1) * (self.grid - 1)).astype(np.int32)
+    return cell(y) * self.grid + cell(x)
+
+  def __call__(self, boxes, labels, max_length):
+    """boxes [B, N, 4] normalised (ymin, xmin, ymax, xmax), labels [B, N] (-1 pads) -> ids [B, max_length]."""
+    boxes, labels = np.asarray(boxes, np.float32), np.asarray(labels, np.int32)
+    slots = (max_length - 2) // 3
+    if labels.shape[1] > slots:
+      raise ValueError(f'{labels.shape[1]} objects and the crop take {3 * labels.shape[1] + 2} tokens, more than '
+                       f'ldm.conditioning.max_length={max_length}; raise it or lower data.max_objects.')
+    if labels.max(initial=-1) >= self.num_classes:
+      raise ValueError(f'An object has class {labels.max()}, but ldm.conditioning.num_classes={self.num_classes}.')
+    triples = np.stack([labels, self.corner(boxes[..., 0], boxes[..., 1]), self.corner(boxes[..., 2], boxes[..., 3])],
+                       axis=-1)
+    objects = np.where(labels[..., None] >= 0, triples, self.pad).reshape(len(labels), -1)
+    objects = np.pad(objects, ((0, 0), (0, 3 * (slots - labels.shape[1]))), constant_values=self.pad)
+    crop = np.broadcast_to(np.array([0, self.grid**2 - 1], np.int32), (len(labels), 2))
+    tokens = np.concatenate([objects, crop], axis=1)
+    return np.pad(tokens, ((0, 0), (0, max_length - tokens.shape[1])), constant_values=self.pad)
+
+
+LAYOUT_TOKENS = ('reference', 'grid')  # ldm.conditioning.layout_tokens
+
+
+def layout_tokenizer(cond_config):
+  """ldm.conditioning.layout_tokens: 'reference' (ReferenceLayoutTokenizer) or 'grid' (LayoutTokenizer)."""
+  if cond_config.layout_tokens == 'reference':
+    return ReferenceLayoutTokenizer(cond_config.vocab_size, cond_config.num_classes)
+  if cond_config.layout_tokens == 'grid':
+    return LayoutTokenizer(cond_config.layout_grid, cond_config.num_classes)
+  raise ValueError(f"ldm.conditioning.layout_tokens='{cond_config.layout_tokens}' is not one of {LAYOUT_TOKENS}.")
 
 
 ACTIVATIONS = {'gelu': lambda x: nn.gelu(x, approximate=False), 'quick_gelu': lambda x: x * nn.sigmoid(1.702 * x)}

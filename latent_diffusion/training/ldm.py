@@ -42,7 +42,7 @@ class Conditioner:
   kind 'text': a transformer over tokens, trained with the UNet; 'clip': the frozen CLIP text encoder and
   tokenizer of `ldm.conditioning.pretrained` (Stable Diffusion's; its params are `frozen`, never trained);
   'class': a one-token class embedding whose last id is the null class; 'layout': the stored boxes and object
-  classes as tokens (`LayoutTokenizer`) through a transformer trained with the UNet, all-pad tokens as the null
+  classes as tokens (`conditioning.layout_tokenizer`) through a transformer trained with the UNet, all-pad tokens as the null
   layout; 'none' (unconditional): no context, and the UNet's transformers attend to the image alone.
   """
 
@@ -62,7 +62,7 @@ class Conditioner:
       self.null = {'tokens': self.tokenizer([''], cond_config.max_length)}
       self.length = cond_config.max_length
     elif self.kind == 'layout':
-      self.tokenizer = conditioning.LayoutTokenizer(cond_config.layout_grid, cond_config.num_classes)
+      self.tokenizer = conditioning.layout_tokenizer(cond_config)
       self.model = text_encoder(cond_config, self.tokenizer.vocab_size)
       self.null = {'tokens': np.full((1, cond_config.max_length), self.tokenizer.pad, np.int32)}
       self.length = cond_config.max_length
