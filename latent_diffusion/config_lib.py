@@ -263,11 +263,13 @@ def sampling(**overrides):
   `condition_split`. `latent_size` > 0
   samples larger latents than the training ones. `batch_size` must divide by the mesh's batch shards.
   `negative_prompts` (text models; one for all conditions or one per condition) replace the null prompt in the
-  unconditional half of guidance.
+  unconditional half of guidance. `init_images` (a folder: one image for all conditions or one per condition, in
+  file-name order) makes the `sample` stage img2img (SDEdit, DDIM): each image's latent noised to `strength` of
+  the chain (the last int(strength x num_steps) steps run; the CompVis script's default 0.75).
   """
   c = ml_collections.ConfigDict(dict(
       sampler='ddim', num_steps=50, eta=0.0, guidance_scales=(1.0,), seeds=(0, 1, 2, 3), prompts=(),
-      prompt_file='', negative_prompts=(), class_ids=(), condition_split='validation',
+      prompt_file='', negative_prompts=(), init_images='', strength=0.75, class_ids=(), condition_split='validation',
       condition_indices=(0, 1, 2, 3), batch_size=8, latent_size=0))
   c.update(overrides)
   return c

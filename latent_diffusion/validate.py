@@ -9,6 +9,7 @@ import math
 
 from etils import epath
 import jax
+import numpy as np
 
 from latent_diffusion import parallel
 from latent_diffusion import stages
@@ -18,6 +19,7 @@ from latent_diffusion.diffusion import generate
 from latent_diffusion.diffusion import objective
 from latent_diffusion.diffusion import sampling
 from latent_diffusion.diffusion import schedules
+from latent_diffusion.evaluation import features
 from latent_diffusion.evaluation import inception
 from latent_diffusion.losses import autoencoder as autoencoder_losses
 from latent_diffusion.models import attention
@@ -198,12 +200,30 @@ def _sampling(found, c):
   found.number('sampling.eta', s.eta, low=0)
   for scale in s.guidance_scales:
     found.number('sampling.guidance_scales', scale)
+  init = _img2img(found, s)
   if c.ldm.conditioning.kind in conditioning.KINDS and c.ldm.conditioning.concat in concat_lib.KINDS:
-    found.guard(lambda: generate.requests_from_config(s, c.ldm.conditioning.kind, c.ldm.conditioning.concat))
+    found.guard(lambda: generate.requests_from_config(s, c.ldm.conditioning.kind, c.ldm.conditioning.concat, init))
   if isinstance(c.ldm.schedule.num_timesteps, int) and c.ldm.schedule.num_timesteps > 0:
     found.number('sampling.num_steps', s.num_steps, low=1, high=c.ldm.schedule.num_timesteps, integer=True)
     if s.sampler == 'ddim' and isinstance(s.num_steps, int) and 0 < s.num_steps <= c.ldm.schedule.num_timesteps:
       found.guard(lambda: sampling.ddim_timesteps(c.ldm.schedule.num_timesteps, s.num_steps))
+
+
+def _img2img(found, s):
+  """sampling.init_images and strength; placeholders of the folder's images for the count check (None: unset)."""
+  if not s.init_images:
+    return None
+  found.number('sampling.strength', s.strength, low=0, high=1, low_open=True)
+  if s.sampler != 'ddim':
+    found.append(f"sampling.init_images (img2img) runs the DDIM sampler, not sampling.sampler='{s.sampler}'; set "
+                 "it to 'ddim'.")
+  elif isinstance(s.num_steps, int) and isinstance(s.strength, (int, float)) and 0 < s.strength <= 1:
+    found.guard(lambda: sampling.img2img_steps(s.num_steps, s.strength))
+  try:
+    return np.zeros((len(features.image_files(s.init_images)), 1, 1, 3), np.float32)
+  except (FileNotFoundError, ValueError) as e:
+    found.append(f'sampling.init_images: {e}')
+    return None
 
 
 def _eval(found, c):

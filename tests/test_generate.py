@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from configs import txt2img
 from latent_diffusion import flops
@@ -31,6 +32,12 @@ def tiny_config(**sampling):
 _PARAMS = {}  # the perturbed params of each ldm section (initialising one compiles for ~20 s)
 
 
+def encode(params, images):
+  """A stand-in first stage for img2img: 8 x 8 block means of the images, [B, 4, 4, 3] for 32 px."""
+  del params
+  return images.reshape(images.shape[0], 4, 8, 4, 8, 3).mean(axis=(2, 4))
+
+
 def make_generator(config, mesh, condition_source=None):
   metadata = {'shape': [4, 4, 6], 'kind': 'kl', 'scale_factor': 0.5}
   unet, conditioner, init = ldm.create(config, metadata)
@@ -38,7 +45,7 @@ def make_generator(config, mesh, condition_source=None):
       unet=unet, conditioner=conditioner, schedule=schedules.Schedule.from_config(config.ldm.schedule),
       parameterization='eps', decoder=lambda params, z: jnp.tanh(params * jnp.tile(z, (1, 8, 8, 1))),
       latent_shape=ldm.sample_latent_shape(config, metadata), scale_factor=0.5, sampling_config=config.sampling,
-      mesh=mesh, concat=config.ldm.conditioning.concat, condition_source=condition_source)
+      mesh=mesh, concat=config.ldm.conditioning.concat, condition_source=condition_source, encoder=encode)
   key = (config.ldm.to_json(), mesh.shape_tuple)
   if key not in _PARAMS:
     state, _ = parallel.create_sharded(init, mesh, jax.random.PRNGKey(0))
@@ -137,6 +144,41 @@ def test_a_hybrid_model_draws_each_stored_example_with_its_caption_and_its_conca
   assert ldm.sample_scalars(config, requests, images, source) == {
       f'prompt_agreement/{k}': v for k, v in prompt_agreement.prompt_agreement(images, [PROMPTS[0], PROMPTS[2]]).items()
       if k != 'objects'}
+
+
+def test_img2img_starts_each_image_from_its_own_init_image_noised_to_the_strength():
+  rng = np.random.default_rng(0)
+  init = (rng.uniform(-1, 1, size=(3, 1, 1, 3)) + 0.1 * rng.normal(size=(3, 32, 32, 3))).astype(np.float32)  # tints
+  requests = generate.requests_from_config(tiny_config(seeds=(5,), guidance_scales=(3.0,)).sampling, 'text',
+                                           init_images=init)
+  np.testing.assert_array_equal(requests.init_images, init)  # one per prompt, with its prompt's seeds
+  assert generate.requests_from_config(tiny_config().sampling, 'text', init_images=init[:1]).init_images.shape == (
+      12, 32, 32, 3)
+  with pytest.raises(ValueError, match='sampling.init_images holds 2 images for 3 conditions'):
+    generate.requests_from_config(tiny_config().sampling, 'text', init_images=init[:2])
+  mesh = parallel.create_mesh(tiny_config().mesh)
+  images = {}
+  for strength in (0.25, 1.0):
+    generator, params = make_generator(tiny_config(num_steps=8, strength=strength), mesh)
+    images[strength] = generator(params, 0.3, requests)
+    # An image drawn alone equals the same request among others (its init image travels with it).
+    np.testing.assert_array_equal(generator(params, 0.3, requests.rows(np.array([2])))[0], images[strength][2])
+  # Less strength stays closer to the init image's own decoding (decoder params 0.3); each image follows its own.
+  target = np.round((np.tanh(0.3 * np.tile(encode(None, init), (1, 8, 8, 1))) + 1) * 127.5)
+  assert np.abs(images[0.25] - target).mean() < 0.5 * np.abs(images[1.0] - target).mean()
+  assert np.abs(images[0.25][0].astype(int) - images[0.25][1]).mean() > 5
+
+
+def test_init_images_are_read_in_file_name_order_cropped_and_resized_as_training_data(tmp_path):
+  wide = np.zeros((48, 64, 3), np.uint8)
+  wide[:, 8:56] = 200  # the centre square, 48 x 48 of 200, resized to 32 x 32
+  for name, image in (('b.png', wide), ('a.png', np.full((32, 32, 3), 10, np.uint8))):
+    (tmp_path / name).write_bytes(tf.io.encode_png(image).numpy())
+  images = generate.read_init_images(tiny_config(init_images=str(tmp_path)).sampling, 32)
+  assert images.shape == (2, 32, 32, 3) and images.dtype == np.float32
+  np.testing.assert_allclose(images[0], 10 / 127.5 - 1, atol=1e-6)  # a.png first
+  np.testing.assert_allclose(images[1], 200 / 127.5 - 1, atol=1e-5)
+  assert generate.read_init_images(tiny_config().sampling, 32) is None
 
 
 def test_sampling_flops_grow_by_one_guided_unet_pass_per_step():

@@ -94,6 +94,34 @@ def test_ddim_matches_diffusers_step_by_step(num_steps, guidance_scale):
     assert np.abs(np.asarray(ours[k]) - x.numpy()).max() <= 1e-5 * scale, k
 
 
+@pytest.mark.parametrize('strength', [0.3, 0.75, 1.0])
+def test_img2img_matches_diffusers_img2img_recipe(strength):
+  """SDEdit as diffusers' StableDiffusionImg2ImgPipeline runs it: the last int(S x strength) DDIM timesteps,
+  starting from the init latent noised (scheduler.add_noise) to the first of them."""
+  diffusers = torch_reference.import_diffusers()
+  scheduler = diffusers.DDIMScheduler(
+      num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
+      clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing='leading')
+  scheduler.set_timesteps(20)
+  scheduler.alphas_cumprod = torch.from_numpy(np.asarray(SCHEDULE.alphas_cumprod))
+  scheduler.final_alpha_cumprod = scheduler.alphas_cumprod[0]
+  eps_fn, mu = gaussian_eps(SCHEDULE, 0.5), jnp.array([1.0, -0.5])
+  init = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 4, 3)), jnp.float32)
+  noise = jnp.asarray(np.random.default_rng(2).normal(size=(2, 4, 4, 3)), jnp.float32)
+  ours = sampling.ddim_sample(eps_fn, SCHEDULE, noise, mu, num_steps=20, init=init, strength=strength)
+  steps = min(int(20 * strength), 20)
+  timesteps = scheduler.timesteps[20 - steps:]
+  x = scheduler.add_noise(torch.from_numpy(np.asarray(init)), torch.from_numpy(np.asarray(noise)), timesteps[:1])
+  for t in timesteps:
+    eps = torch.from_numpy(np.asarray(eps_fn(jnp.asarray(x.numpy()), jnp.full((2,), int(t)), mu)))
+    x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+  np.testing.assert_allclose(np.asarray(ours), x.numpy(), atol=1e-5 * float(np.abs(x.numpy()).max()))
+  low = sampling.ddim_sample(eps_fn, SCHEDULE, noise, mu, num_steps=20, init=init, strength=0.1)
+  assert float(jnp.abs(low - init).mean()) < float(jnp.abs(ours - init).mean())  # less strength, closer to init
+  with pytest.raises(ValueError, match='sampling.strength=0.01 runs no step of sampling.num_steps=20'):
+    sampling.ddim_sample(eps_fn, SCHEDULE, noise, mu, num_steps=20, init=init, strength=0.01)
+
+
 @pytest.mark.parametrize('num_steps', [1000, 50])
 def test_ddpm_matches_diffusers_step_by_step(num_steps, monkeypatch):
   """The ancestral sampler against diffusers' DDPMScheduler ('fixed_small' variance, leading spacing; at 1000

@@ -74,6 +74,12 @@ CASES = [
       '--config.ldm.conditioning.vocab_size=18'], 'ldm.conditioning.vocab_size >= 4 (it is 18) and 1 <= num_classes'),
     ([SMOKE, '--config.autoencoder.tiling.size=4', '--config.autoencoder.tiling.stride=3'],
      'autoencoder.tiling.stride: crops of 4 every 3'),
+    ([SMOKE, '--config.sampling.init_images=docs'], 'sampling.init_images holds 2 images for 8 conditions'),
+    ([SMOKE, '--config.sampling.init_images=docs', '--config.sampling.prompts=("a","b")',
+      '--config.sampling.sampler=plms'],
+     "sampling.init_images (img2img) runs the DDIM sampler, not sampling.sampler='plms'"),
+    ([SMOKE, '--config.sampling.init_images=nope'], "sampling.init_images: Image folder 'nope' not found"),
+    ([SMOKE, '--config.sampling.negative_prompts=("a","b")'], 'sampling.negative_prompts has 2 entries for 8'),
     # Mistakes in the flags and the config file itself.
     ([SMOKE, '--config.ldm.batchsize=8'], """--config.ldm.batchsize: the config has no field 'batchsize'; did you """
                                           'mean "batch_size"'),

@@ -17,6 +17,7 @@ from latent_diffusion import parallel
 from latent_diffusion.data import input_pipeline
 from latent_diffusion.diffusion import concat as concat_lib
 from latent_diffusion.diffusion import sampling
+from latent_diffusion.evaluation import features
 from latent_diffusion.models import conditioning
 
 SAMPLERS = {'ddim': sampling.ddim_sample, 'ddpm': sampling.ddpm_sample, 'plms': sampling.plms_sample,
@@ -25,17 +26,21 @@ SAMPLERS = {'ddim': sampling.ddim_sample, 'ddpm': sampling.ddpm_sample, 'plms': 
 
 @dataclasses.dataclass
 class Requests:
-  """What to draw, one entry per image in output order: conditions (prompts or class ids), seeds, scales, and
-  for text models optionally negative prompts (the unconditional half of guidance; None: the null prompt)."""
+  """What to draw, one entry per image in output order: conditions (prompts or class ids), seeds, scales; for
+  text models optionally negative prompts (the unconditional half of guidance; None: the null prompt); for
+  img2img the init images (float [N, H, W, 3] in [-1, 1]; None: from noise)."""
   conditions: list
   seeds: np.ndarray
   guidance_scales: np.ndarray
   negative_prompts: list = None
+  init_images: np.ndarray = None
 
   def rows(self, index):
     """The requests at positions `index`."""
     negative = None if self.negative_prompts is None else [self.negative_prompts[i] for i in index]
-    return Requests([self.conditions[i] for i in index], self.seeds[index], self.guidance_scales[index], negative)
+    init = None if self.init_images is None else self.init_images[index]
+    return Requests([self.conditions[i] for i in index], self.seeds[index], self.guidance_scales[index], negative,
+                    init)
 
 
 def conditions_are_stored(kind, concat):
@@ -43,11 +48,12 @@ def conditions_are_stored(kind, concat):
   return bool(concat) or kind == 'layout'
 
 
-def requests_from_config(sampling_config, kind, concat=''):
+def requests_from_config(sampling_config, kind, concat='', init_images=None):
   """Every (guidance scale, condition, seed) of the `sampling` section, the images of one condition
   consecutive in the config's order. Prompts come from `prompt_file` (one per line) when it is set; the
   conditions of concat- and layout-conditioned models are example indices of `sampling.condition_split` (a
-  hybrid model, concat and text, draws each stored example with its stored caption)."""
+  hybrid model, concat and text, draws each stored example with its stored caption). `init_images` (img2img,
+  from `read_init_images`): one for every condition or one per condition."""
   s = sampling_config
   if conditions_are_stored(kind, concat):
     conditions = [int(i) for i in s.condition_indices]
@@ -68,10 +74,24 @@ def requests_from_config(sampling_config, kind, concat=''):
     raise ValueError(f'Nothing to sample: set sampling.{field}.')
   negatives = _negative_prompts(s.negative_prompts, kind, len(conditions))
   grid = [(scale, i, seed) for scale in s.guidance_scales for i in range(len(conditions)) for seed in s.seeds]
-  return Requests(conditions=[conditions[i] for _, i, _ in grid],
+  index = np.array([i for _, i, _ in grid])
+  if init_images is not None and len(init_images) not in (1, len(conditions)):
+    raise ValueError(f'sampling.init_images holds {len(init_images)} images for {len(conditions)} conditions; give '
+                     'one for all or one per condition (in file-name order).')
+  return Requests(conditions=[conditions[i] for i in index],
                   seeds=np.array([seed for *_, seed in grid], np.int32),
                   guidance_scales=np.array([scale for scale, *_ in grid], np.float32),
-                  negative_prompts=None if negatives is None else [negatives[i] for _, i, _ in grid])
+                  negative_prompts=None if negatives is None else [negatives[i] for i in index],
+                  init_images=None if init_images is None else init_images[index % len(init_images)])
+
+
+def read_init_images(sampling_config, resolution):
+  """The images of the `sampling.init_images` folder in file-name order, centre-cropped and resized to
+  `resolution` as training data is, float32 [M, resolution, resolution, 3] in [-1, 1]; None when unset."""
+  if not sampling_config.init_images:
+    return None
+  paths = features.image_files(sampling_config.init_images)
+  return np.stack([input_pipeline.preprocess(features.load_image(p), resolution).numpy() for p in paths])
 
 
 def _negative_prompts(negative_prompts, kind, count):
@@ -90,9 +110,9 @@ class Generator:
   """Samples images for `Requests` with given UNet/conditioner params and first-stage params."""
 
   def __init__(self, *, unet, conditioner, schedule, parameterization, decoder, latent_shape, scale_factor,
-               sampling_config, mesh, concat='', segmentation_classes=0, condition_source=None):
+               sampling_config, mesh, concat='', segmentation_classes=0, condition_source=None, encoder=None):
     """`condition_source`: for concat- and layout-conditioned models, the stored arrays of the examples that
-    conditions index."""
+    conditions index. `encoder(params, images)`: the first stage's latent (its posterior mode), for img2img."""
     s = sampling_config
     if s.sampler not in SAMPLERS:
       raise ValueError(f"Unknown sampling.sampler '{s.sampler}'; choose one of {sorted(SAMPLERS)}.")
@@ -107,6 +127,7 @@ class Generator:
     def generate(params, decoder_params, inputs, seeds, guidance_scale):
       inputs = dict(inputs)
       condition, negative = inputs.pop('concat', None), inputs.pop('negative_tokens', None)
+      init = inputs.pop('init', None)
       context = conditioner.encode(params['cond'], inputs)
       model = concat_lib.with_concat(lambda x, t, c: unet.apply({'params': params['unet']}, x, t, c), condition)
       eps_fn = sampling.as_eps_fn(model, parameterization, schedule)
@@ -116,7 +137,8 @@ class Generator:
         eps_fn = sampling.guided(eps_fn, guidance_scale, jnp.broadcast_to(null, context.shape))
       x_T = jax.vmap(lambda seed: jax.random.normal(jax.random.PRNGKey(seed), latent_shape))(seeds)
       step_keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.PRNGKey(seed), 1))(seeds)  # per image
-      z = sampler(eps_fn, schedule, x_T, context, num_steps=s.num_steps, rng=step_keys, **options)
+      img2img = {} if init is None else dict(init=encoder(decoder_params, init) * scale_factor, strength=s.strength)
+      z = sampler(eps_fn, schedule, x_T, context, num_steps=s.num_steps, rng=step_keys, **options, **img2img)
       return jnp.clip(decoder(decoder_params, z / scale_factor), -1.0, 1.0)
 
     batch = parallel.batch_sharding(mesh)
@@ -145,6 +167,8 @@ class Generator:
     per_host = self.batch_size // jax.process_count()
     rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
     local = {'seeds': seeds[rows]}
+    if requests.init_images is not None:
+      local['init'] = np.concatenate([requests.init_images, np.repeat(requests.init_images[-1:], pad, axis=0)])[rows]
     if requests.negative_prompts is not None:
       negatives = requests.negative_prompts + requests.negative_prompts[-1:] * pad
       local['negative_tokens'] = self.conditioner.inputs({'caption': np.array(negatives[rows])})['tokens']

@@ -116,12 +116,27 @@ def _batch_t(x, t):
   return jnp.full((x.shape[0],), t, jnp.int32)
 
 
+def img2img_steps(num_steps, strength):
+  """How many of the DDIM steps img2img runs: the last int(strength x num_steps), as diffusers' img2img."""
+  steps = min(int(num_steps * strength), num_steps)
+  if steps < 1:
+    raise ValueError(f'sampling.strength={strength} runs no step of sampling.num_steps={num_steps}; raise it (at most '
+                     '1, which is the whole chain).')
+  return steps
+
+
 def ddim_sample(eps_fn, schedule, x_T, context, *, num_steps, rng=None, eta=0.0, spacing='uniform', mask=None,
-                known=None, clip_x0=None, dynamic_percentile=None, return_trajectory=False):
-  """DDIM from x_T down to the reference's last step; returns x (and [S, ...] states after each step)."""
+                known=None, clip_x0=None, dynamic_percentile=None, return_trajectory=False, init=None, strength=1.0):
+  """DDIM from x_T down to the reference's last step; returns x (and [S, ...] states after each step). With an
+  `init` latent, img2img (SDEdit, Meng et al. 2022): init noised with x_T to the timestep of the last
+  img2img_steps(num_steps, strength) steps, which then run."""
   timesteps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
   alphas, alphas_prev, sigmas = _ddim_coefficients(schedule, timesteps, eta)
   keys = image_keys(rng, x_T.shape[0])
+  steps = len(timesteps)
+  if init is not None:
+    steps = img2img_steps(num_steps, strength)
+    x_T = jnp.sqrt(alphas[steps - 1]) * init + jnp.sqrt(1 - alphas[steps - 1]) * x_T
 
   def step(x, i):
     t = jnp.asarray(timesteps)[i]
@@ -131,7 +146,7 @@ def ddim_sample(eps_fn, schedule, x_T, context, *, num_steps, rng=None, eta=0.0,
     x, _ = _ddim_step(x, eps, alphas[i], alphas_prev[i], sigmas[i], noise, clip_x0, dynamic_percentile)
     return x, x if return_trajectory else None
 
-  x, trajectory = jax.lax.scan(step, x_T, jnp.arange(len(timesteps))[::-1])
+  x, trajectory = jax.lax.scan(step, x_T, jnp.arange(steps)[::-1])
   return (x, trajectory) if return_trajectory else x
 
 

@@ -3,13 +3,13 @@ its caption, label, layout or segmentation map, and the concat conditions of `ld
 (low-res image, or masked-image latent and mask)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from latent_diffusion import parallel
 from latent_diffusion.data import input_pipeline
 from latent_diffusion.data import latent_store
 from latent_diffusion.diffusion import concat as concat_lib
+from latent_diffusion.models import autoencoder as autoencoder_lib
 from latent_diffusion.models import tiling
 from latent_diffusion.training import autoencoder as autoencoder_stage
 from latent_diffusion.training import checkpoint
@@ -39,6 +39,12 @@ def measure_scale(arrays, kind, seed=0):
   return np.array([latent.sum(), (latent**2).sum(), latent.size])
 
 
+def encode_mode(model, params, x, kind, tiles):
+  """The first stage's latent of images x, its posterior mode: KL's mean, VQ's pre-quantisation latent."""
+  encoded = tiling.encode(model, params, x, tiles)
+  return autoencoder_lib.DiagonalGaussian(encoded).mode() if kind == 'kl' else encoded
+
+
 def make_encode(model, kind, concat, tiles):
   """A jitted (params, images, masks) -> {'latent': ..., + the concat conditions} for the store; `tiles`: the
   autoencoder.tiling section."""
@@ -50,8 +56,7 @@ def make_encode(model, kind, concat, tiles):
     if concat == 'low_res':
       out['low_res'] = concat_lib.area_downsample(x, size)
     elif concat == 'inpainting':
-      masked = tiling.encode(model, params, x * (1 - masks), tiles)
-      out['masked_latent'] = jnp.split(masked, 2, axis=-1)[0] if kind == 'kl' else masked  # the posterior mode
+      out['masked_latent'] = encode_mode(model, params, x * (1 - masks), kind, tiles)
       out['inpaint_mask'] = concat_lib.area_downsample(masks, size)
     return out
   return jax.jit(encode)

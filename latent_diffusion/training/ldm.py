@@ -27,6 +27,7 @@ from latent_diffusion.models import tiling
 from latent_diffusion.models import unet as unet_lib
 from latent_diffusion.training import autoencoder as autoencoder_stage
 from latent_diffusion.training import checkpoint
+from latent_diffusion.training import latents as latents_stage
 from latent_diffusion.training import loop
 from latent_diffusion.training import train_state
 from latent_diffusion.weights import clip
@@ -238,7 +239,9 @@ def make_generator(config, workdir, mesh, unet, conditioner, metadata):
       decoder=lambda params, z: tiling.decode(ae_model, params, z, config.autoencoder.tiling),
       latent_shape=sample_latent_shape(config, metadata), scale_factor=metadata['scale_factor'],
       sampling_config=config.sampling, mesh=mesh, concat=concat,
-      segmentation_classes=config.ldm.conditioning.segmentation_classes, condition_source=source)
+      segmentation_classes=config.ldm.conditioning.segmentation_classes, condition_source=source,
+      encoder=lambda params, x: latents_stage.encode_mode(ae_model, params, x, config.autoencoder.model.kind,
+                                                          config.autoencoder.tiling))
   return generator, ae_params
 
 

@@ -2,7 +2,7 @@
 
 Writes WORKDIR/samples/: `grid_cfg<scale>.png` per guidance scale (a row per condition, a column per seed),
 `samples.npz` (`images` uint8 [N, H, W, 3]; per image its `prompts`, `labels` or `condition_indices`, `seeds`,
-`guidance_scales` and any `negative_prompts`, the images of one condition consecutive in the config's order; `ldm_step`), TensorBoard
+`guidance_scales` and any `negative_prompts` (and img2img's `init_images` folder and `strength`), the images of one condition consecutive in the config's order; `ldm_step`), TensorBoard
 grids, and on `captioned_shapes` `prompt_agreement.json`.
 """
 
@@ -36,6 +36,8 @@ def _saved_request(config, workdir):
   saved = {'seeds': requests.seeds, 'guidance_scales': requests.guidance_scales, 'ldm_step': np.array(step)}
   if requests.negative_prompts is not None:
     saved['negative_prompts'] = np.array(requests.negative_prompts)
+  if config.sampling.init_images:  # img2img
+    saved.update(init_images=np.array(config.sampling.init_images), strength=np.array(config.sampling.strength))
   if generate.conditions_are_stored(cond.kind, cond.concat):
     key = 'condition_indices'
   else:
@@ -61,7 +63,9 @@ def run(config, workdir):
     raise ValueError(f'No latent store metadata in {store}; run the `latents` and `ldm` stages first.')
   unet, conditioner, params, step = ldm.load_trained(config, workdir, mesh, metadata)
   generator, ae_params = ldm.make_generator(config, workdir, mesh, unet, conditioner, metadata)
-  requests = generate.requests_from_config(config.sampling, conditioner.kind, config.ldm.conditioning.concat)
+  image_size = ldm.sample_latent_shape(config, metadata)[0] * 2 ** (len(config.autoencoder.model.ch_mult) - 1)
+  requests = generate.requests_from_config(config.sampling, conditioner.kind, config.ldm.conditioning.concat,
+                                           generate.read_init_images(config.sampling, image_size))
   start = time.time()
   images = generator(params, ae_params, requests)
   seconds = time.time() - start
