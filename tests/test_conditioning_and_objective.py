@@ -100,7 +100,8 @@ def test_reference_layout_tokens_are_taming_s_bounding_box_builder_with_the_whol
   np.testing.assert_array_equal(ids[1], [8191] * 12 + [0, 8099])
   layout2img = tokenizer(np.zeros((1, 30, 4)), np.zeros((1, 30), np.int32), 92)  # the reference's 92 positions
   np.testing.assert_array_equal(layout2img[0, 90:], [0, 8099])
-  with pytest.raises(ValueError, match='5 objects and the crop take 17 tokens, more than ldm.conditioning.max_length=14'):
+  with pytest.raises(ValueError,
+                     match='5 objects and the crop take 17 tokens, more than ldm.conditioning.max_length=14'):
     tokenizer(np.zeros((1, 5, 4)), np.zeros((1, 5), np.int32), 14)
   with pytest.raises(ValueError, match='num_classes < vocab_size'):
     conditioning.ReferenceLayoutTokenizer(80, 80)

@@ -22,8 +22,8 @@ def crop_starts(side, size, stride):
   """Where the crops along one side start: every `stride` from 0, the last one ending at the side."""
   size, stride = min(size, side), min(stride, side)
   if (side - size) % stride:
-    raise ValueError(f'autoencoder.tiling.stride: crops of {size} every {stride} do not end at the side of {side}; choose a stride '
-                     f'that divides {side - size}.')
+    raise ValueError(f'autoencoder.tiling.stride: crops of {size} every {stride} do not end at the side of {side}; '
+                     f'choose a stride that divides {side - size}.')
   return list(range(0, side - size + 1, stride)), size
 
 

@@ -43,8 +43,8 @@ class Conditioner:
   kind 'text': a transformer over tokens, trained with the UNet; 'clip': the frozen CLIP text encoder and
   tokenizer of `ldm.conditioning.pretrained` (Stable Diffusion's; its params are `frozen`, never trained);
   'class': a one-token class embedding whose last id is the null class; 'layout': the stored boxes and object
-  classes as tokens (`conditioning.layout_tokenizer`) through a transformer trained with the UNet, all-pad tokens as the null
-  layout; 'none' (unconditional): no context, and the UNet's transformers attend to the image alone.
+  classes as tokens (`conditioning.layout_tokenizer`) through a transformer trained with the UNet, all-pad tokens
+  as the null layout; 'none' (unconditional): no context, and the UNet's transformers attend to the image alone.
   """
 
   def __init__(self, cond_config):

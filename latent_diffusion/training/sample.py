@@ -2,7 +2,8 @@
 
 Writes WORKDIR/samples/: `grid_cfg<scale>.png` per guidance scale (a row per condition, a column per seed),
 `samples.npz` (`images` uint8 [N, H, W, 3]; per image its `prompts`, `labels` or `condition_indices`, `seeds`,
-`guidance_scales` and any `negative_prompts` (and img2img's `init_images` folder and `strength`), the images of one condition consecutive in the config's order; `ldm_step`), TensorBoard
+`guidance_scales` and any `negative_prompts` (and img2img's `init_images` folder and `strength`), the images of
+one condition consecutive in the config's order; `ldm_step`), TensorBoard
 grids, and on `captioned_shapes` `prompt_agreement.json`.
 """
 
