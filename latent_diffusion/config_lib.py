@@ -265,11 +265,14 @@ def sampling(**overrides):
   `negative_prompts` (text models; one for all conditions or one per condition) replace the null prompt in the
   unconditional half of guidance. `init_images` (a folder: one image for all conditions or one per condition, in
   file-name order) makes the `sample` stage img2img (SDEdit, DDIM): each image's latent noised to `strength` of
-  the chain (the last int(strength x num_steps) steps run; the CompVis script's default 0.75).
+  the chain (the last int(strength x num_steps) steps run; the CompVis script's default 0.75); `mask_images` (a
+  folder like it, white = repaint) also keeps the rest: the sampler re-noises the init latent there each step
+  and the init latent is pasted there at the end.
   """
   c = ml_collections.ConfigDict(dict(
       sampler='ddim', num_steps=50, eta=0.0, guidance_scales=(1.0,), seeds=(0, 1, 2, 3), prompts=(),
-      prompt_file='', negative_prompts=(), init_images='', strength=0.75, class_ids=(), condition_split='validation',
+      prompt_file='', negative_prompts=(), init_images='', strength=0.75, mask_images='',
+      class_ids=(), condition_split='validation',
       condition_indices=(0, 1, 2, 3), batch_size=8, latent_size=0))
   c.update(overrides)
   return c

@@ -72,7 +72,7 @@ def latent_metadata(config):
   """What the latent store's metadata would say for this config: the stored shape (KL: mean and logvar), kind,
   scale (1.0 where the store would measure it)."""
   model = config.autoencoder.model
-  factor = 2 ** (len(model.ch_mult) - 1)
+  factor = autoencoder_lib.downsampling_factor(model.ch_mult)
   if config.data.resolution % factor:
     raise ValueError(f'data.resolution={config.data.resolution} does not divide by the first stage\'s '
                      f'downsampling factor {factor}; choose a multiple of {factor}.')

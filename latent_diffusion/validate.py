@@ -92,7 +92,7 @@ def _autoencoder(found, c):
     found.append(f'autoencoder.model.attn_resolutions={tuple(a.model.attn_resolutions)}: {unplaced} name no level '
                  f'of a first stage for autoencoder.model.resolution={a.model.resolution} (its feature sizes: '
                  f'{levels}); choose among those.')
-  factor = 2 ** (len(a.model.ch_mult) - 1)
+  factor = autoencoder_models.downsampling_factor(a.model.ch_mult)
   found.divides('data.resolution', c.data.resolution, factor,
                 f"the first stage downsamples by {factor}; use a multiple of {factor} or another autoencoder")
   return factor
@@ -200,9 +200,10 @@ def _sampling(found, c):
   found.number('sampling.eta', s.eta, low=0)
   for scale in s.guidance_scales:
     found.number('sampling.guidance_scales', scale)
-  init = _img2img(found, s)
+  init, masks = _img2img(found, s)
   if c.ldm.conditioning.kind in conditioning.KINDS and c.ldm.conditioning.concat in concat_lib.KINDS:
-    found.guard(lambda: generate.requests_from_config(s, c.ldm.conditioning.kind, c.ldm.conditioning.concat, init))
+    found.guard(lambda: generate.requests_from_config(s, c.ldm.conditioning.kind, c.ldm.conditioning.concat, init,
+                                                      masks))
   if isinstance(c.ldm.schedule.num_timesteps, int) and c.ldm.schedule.num_timesteps > 0:
     found.number('sampling.num_steps', s.num_steps, low=1, high=c.ldm.schedule.num_timesteps, integer=True)
     if s.sampler == 'ddim' and isinstance(s.num_steps, int) and 0 < s.num_steps <= c.ldm.schedule.num_timesteps:
@@ -210,19 +211,28 @@ def _sampling(found, c):
 
 
 def _img2img(found, s):
-  """sampling.init_images and strength; placeholders of the folder's images for the count check (None: unset)."""
+  """sampling.init_images, strength and mask_images; placeholders of the folders' images for the count check
+  (None: unset)."""
+  if s.mask_images and not s.init_images:
+    found.append('sampling.mask_images needs sampling.init_images, the images whose masked regions are repainted.')
   if not s.init_images:
-    return None
+    return None, None
   found.number('sampling.strength', s.strength, low=0, high=1, low_open=True)
   if s.sampler != 'ddim':
     found.append(f"sampling.init_images (img2img) runs the DDIM sampler, not sampling.sampler='{s.sampler}'; set "
                  "it to 'ddim'.")
   elif isinstance(s.num_steps, int) and isinstance(s.strength, (int, float)) and 0 < s.strength <= 1:
     found.guard(lambda: sampling.img2img_steps(s.num_steps, s.strength))
+  return tuple(_placeholders(found, field, s[field]) for field in ('init_images', 'mask_images'))
+
+
+def _placeholders(found, field, folder):
+  if not folder:
+    return None
   try:
-    return np.zeros((len(features.image_files(s.init_images)), 1, 1, 3), np.float32)
+    return np.zeros((len(features.image_files(folder)), 1, 1, 1), np.float32)
   except (FileNotFoundError, ValueError) as e:
-    found.append(f'sampling.init_images: {e}')
+    found.append(f'sampling.{field}: {e}')
     return None
 
 

@@ -169,6 +169,31 @@ def test_img2img_starts_each_image_from_its_own_init_image_noised_to_the_strengt
   assert np.abs(images[0.25][0].astype(int) - images[0.25][1]).mean() > 5
 
 
+def test_a_mask_keeps_the_init_image_outside_it_and_repaints_inside():
+  rng = np.random.default_rng(1)
+  init = (rng.uniform(-1, 1, size=(3, 1, 1, 3)) + 0.3 * rng.normal(size=(3, 32, 32, 3))).astype(np.float32)
+  masks = np.zeros((3, 32, 32, 1), np.float32)
+  masks[:, :, 16:] = 1  # repaint the right half: latent columns 2 and 3 of 4
+  config = tiny_config(seeds=(5,), guidance_scales=(3.0,), num_steps=8, strength=1.0)
+  mesh = parallel.create_mesh(config.mesh)
+  generator, params = make_generator(config, mesh)
+  plain = generator(params, 0.3, generate.requests_from_config(config.sampling, 'text', init_images=init))
+  requests = generate.requests_from_config(config.sampling, 'text', init_images=init, masks=masks)
+  np.testing.assert_array_equal(requests.masks, masks)
+  images = generator(params, 0.3, requests).astype(int)
+  np.testing.assert_array_equal(generator(params, 0.3, requests.rows(np.array([1])))[0], images[1])
+  # The stand-in decoder tiles the 4 x 4 latent: pixel column j shows latent column j % 4.
+  target = np.round((np.tanh(0.3 * np.tile(encode(None, init), (1, 8, 8, 1))) + 1) * 127.5)
+  kept = (np.arange(32) % 4) < 2
+  error = np.abs(images - target)
+  assert error[:, :, kept].max() <= 1 and np.abs(plain - target)[:, :, kept].mean() > 10  # kept: the init's own
+  assert error[:, :, ~kept].mean() > 10  # drawn anew (strength 1: from noise)
+  np.testing.assert_array_equal(generate.requests_from_config(config.sampling, 'text', init_images=init,
+                                                              masks=masks[:1]).masks, masks)
+  with pytest.raises(ValueError, match='sampling.mask_images holds 2 images for 3 conditions'):
+    generate.requests_from_config(config.sampling, 'text', init_images=init, masks=masks[:2])
+
+
 def test_init_images_are_read_in_file_name_order_cropped_and_resized_as_training_data(tmp_path):
   wide = np.zeros((48, 64, 3), np.uint8)
   wide[:, 8:56] = 200  # the centre square, 48 x 48 of 200, resized to 32 x 32
@@ -179,6 +204,9 @@ def test_init_images_are_read_in_file_name_order_cropped_and_resized_as_training
   np.testing.assert_allclose(images[0], 10 / 127.5 - 1, atol=1e-6)  # a.png first
   np.testing.assert_allclose(images[1], 200 / 127.5 - 1, atol=1e-5)
   assert generate.read_init_images(tiny_config().sampling, 32) is None
+  masks = generate.read_masks(tiny_config(mask_images=str(tmp_path)).sampling, 32)  # white (200 > 127.5) repaints
+  assert masks.shape == (2, 32, 32, 1)
+  np.testing.assert_array_equal(masks[:, :, :, 0], np.stack([np.zeros((32, 32)), np.ones((32, 32))]))
 
 
 def test_sampling_flops_grow_by_one_guided_unet_pass_per_step():

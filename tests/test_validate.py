@@ -79,6 +79,9 @@ CASES = [
       '--config.sampling.sampler=plms'],
      "sampling.init_images (img2img) runs the DDIM sampler, not sampling.sampler='plms'"),
     ([SMOKE, '--config.sampling.init_images=nope'], "sampling.init_images: Image folder 'nope' not found"),
+    ([SMOKE, '--config.sampling.mask_images=docs'], 'sampling.mask_images needs sampling.init_images'),
+    ([SMOKE, '--config.sampling.init_images=docs', '--config.sampling.prompts=("a","b")',
+      '--config.sampling.mask_images=nope'], "sampling.mask_images: Image folder 'nope' not found"),
     ([SMOKE, '--config.sampling.negative_prompts=("a","b")'], 'sampling.negative_prompts has 2 entries for 8'),
     # Mistakes in the flags and the config file itself.
     ([SMOKE, '--config.ldm.batchsize=8'], """--config.ldm.batchsize: the config has no field 'batchsize'; did you """

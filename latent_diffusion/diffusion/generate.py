@@ -28,19 +28,21 @@ SAMPLERS = {'ddim': sampling.ddim_sample, 'ddpm': sampling.ddpm_sample, 'plms': 
 class Requests:
   """What to draw, one entry per image in output order: conditions (prompts or class ids), seeds, scales; for
   text models optionally negative prompts (the unconditional half of guidance; None: the null prompt); for
-  img2img the init images (float [N, H, W, 3] in [-1, 1]; None: from noise)."""
+  img2img the init images (float [N, H, W, 3] in [-1, 1]; None: from noise) and optionally the masks of the
+  regions to repaint (float [N, H, W, 1], 1 = repaint; None: all)."""
   conditions: list
   seeds: np.ndarray
   guidance_scales: np.ndarray
   negative_prompts: list = None
   init_images: np.ndarray = None
+  masks: np.ndarray = None
 
   def rows(self, index):
     """The requests at positions `index`."""
     negative = None if self.negative_prompts is None else [self.negative_prompts[i] for i in index]
-    init = None if self.init_images is None else self.init_images[index]
+    pick = lambda images: None if images is None else images[index]
     return Requests([self.conditions[i] for i in index], self.seeds[index], self.guidance_scales[index], negative,
-                    init)
+                    pick(self.init_images), pick(self.masks))
 
 
 def conditions_are_stored(kind, concat):
@@ -48,12 +50,13 @@ def conditions_are_stored(kind, concat):
   return bool(concat) or kind == 'layout'
 
 
-def requests_from_config(sampling_config, kind, concat='', init_images=None):
+def requests_from_config(sampling_config, kind, concat='', init_images=None, masks=None):
   """Every (guidance scale, condition, seed) of the `sampling` section, the images of one condition
   consecutive in the config's order. Prompts come from `prompt_file` (one per line) when it is set; the
   conditions of concat- and layout-conditioned models are example indices of `sampling.condition_split` (a
   hybrid model, concat and text, draws each stored example with its stored caption). `init_images` (img2img,
-  from `read_init_images`): one for every condition or one per condition."""
+  from `read_init_images`) and `masks` (inpainting them, from `read_masks`): one for every condition or one per
+  condition."""
   s = sampling_config
   if conditions_are_stored(kind, concat):
     conditions = [int(i) for i in s.condition_indices]
@@ -75,22 +78,39 @@ def requests_from_config(sampling_config, kind, concat='', init_images=None):
   negatives = _negative_prompts(s.negative_prompts, kind, len(conditions))
   grid = [(scale, i, seed) for scale in s.guidance_scales for i in range(len(conditions)) for seed in s.seeds]
   index = np.array([i for _, i, _ in grid])
-  if init_images is not None and len(init_images) not in (1, len(conditions)):
-    raise ValueError(f'sampling.init_images holds {len(init_images)} images for {len(conditions)} conditions; give '
-                     'one for all or one per condition (in file-name order).')
+
+  def per_image(images, field):
+    if images is None:
+      return None
+    if len(images) not in (1, len(conditions)):
+      raise ValueError(f'sampling.{field} holds {len(images)} images for {len(conditions)} conditions; give one for '
+                       'all or one per condition (in file-name order).')
+    return images[index % len(images)]
+
   return Requests(conditions=[conditions[i] for i in index],
                   seeds=np.array([seed for *_, seed in grid], np.int32),
                   guidance_scales=np.array([scale for scale, *_ in grid], np.float32),
                   negative_prompts=None if negatives is None else [negatives[i] for i in index],
-                  init_images=None if init_images is None else init_images[index % len(init_images)])
+                  init_images=per_image(init_images, 'init_images'), masks=per_image(masks, 'mask_images'))
 
 
 def read_init_images(sampling_config, resolution):
   """The images of the `sampling.init_images` folder in file-name order, centre-cropped and resized to
   `resolution` as training data is, float32 [M, resolution, resolution, 3] in [-1, 1]; None when unset."""
-  if not sampling_config.init_images:
+  return _read_folder(sampling_config.init_images, resolution)
+
+
+def read_masks(sampling_config, resolution):
+  """The masks of the `sampling.mask_images` folder, cropped and resized like the init images: float32
+  [M, resolution, resolution, 1], 1 where the mean of the channels is white (> 127.5), the region to repaint."""
+  images = _read_folder(sampling_config.mask_images, resolution)
+  return None if images is None else (images.mean(axis=-1, keepdims=True) > 0).astype(np.float32)
+
+
+def _read_folder(folder, resolution):
+  if not folder:
     return None
-  paths = features.image_files(sampling_config.init_images)
+  paths = features.image_files(folder)
   return np.stack([input_pipeline.preprocess(features.load_image(p), resolution).numpy() for p in paths])
 
 
@@ -127,7 +147,7 @@ class Generator:
     def generate(params, decoder_params, inputs, seeds, guidance_scale):
       inputs = dict(inputs)
       condition, negative = inputs.pop('concat', None), inputs.pop('negative_tokens', None)
-      init = inputs.pop('init', None)
+      init, mask = inputs.pop('init', None), inputs.pop('mask', None)
       context = conditioner.encode(params['cond'], inputs)
       model = concat_lib.with_concat(lambda x, t, c: unet.apply({'params': params['unet']}, x, t, c), condition)
       eps_fn = sampling.as_eps_fn(model, parameterization, schedule)
@@ -137,8 +157,15 @@ class Generator:
         eps_fn = sampling.guided(eps_fn, guidance_scale, jnp.broadcast_to(null, context.shape))
       x_T = jax.vmap(lambda seed: jax.random.normal(jax.random.PRNGKey(seed), latent_shape))(seeds)
       step_keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.PRNGKey(seed), 1))(seeds)  # per image
-      img2img = {} if init is None else dict(init=encoder(decoder_params, init) * scale_factor, strength=s.strength)
+      img2img = {}
+      if init is not None:
+        img2img = dict(init=encoder(decoder_params, init) * scale_factor, strength=s.strength)
+        if mask is not None:  # keep the latent cells mostly outside the region to repaint (the sampler's mask = 1)
+          keep = (concat_lib.area_downsample(mask, latent_shape[0]) < 0.5).astype(x_T.dtype)
+          img2img.update(mask=keep, known=img2img['init'])
       z = sampler(eps_fn, schedule, x_T, context, num_steps=s.num_steps, rng=step_keys, **options, **img2img)
+      if 'mask' in img2img:  # the last step leaves noise of t=1 in the kept cells: paste the init latent itself
+        z = img2img['mask'] * img2img['known'] + (1 - img2img['mask']) * z
       return jnp.clip(decoder(decoder_params, z / scale_factor), -1.0, 1.0)
 
     batch = parallel.batch_sharding(mesh)
@@ -167,8 +194,9 @@ class Generator:
     per_host = self.batch_size // jax.process_count()
     rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
     local = {'seeds': seeds[rows]}
-    if requests.init_images is not None:
-      local['init'] = np.concatenate([requests.init_images, np.repeat(requests.init_images[-1:], pad, axis=0)])[rows]
+    for key, images in (('init', requests.init_images), ('mask', requests.masks)):
+      if images is not None:
+        local[key] = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])[rows]
     if requests.negative_prompts is not None:
       negatives = requests.negative_prompts + requests.negative_prompts[-1:] * pad
       local['negative_tokens'] = self.conditioner.inputs({'caption': np.array(negatives[rows])})['tokens']

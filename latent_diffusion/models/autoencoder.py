@@ -18,6 +18,11 @@ from latent_diffusion.models import layers
 KINDS = ('kl', 'vq')  # autoencoder.model.kind
 
 
+def downsampling_factor(ch_mult):
+  """f of the paper: the first stage halves the resolution after every level but the last."""
+  return 2 ** (len(ch_mult) - 1)
+
+
 class ResnetBlock(nn.Module):
   """norm -> swish -> conv -> norm -> swish -> dropout -> conv, plus a (1x1-projected) skip."""
   out_channels: int

@@ -110,26 +110,32 @@ class LayoutTokenizer:
     self.grid, self.num_classes = grid, num_classes
     self.pad = grid * grid + num_classes
     self.vocab_size = self.pad + 1
+    self.class_offset, self.trailer = grid * grid, np.zeros((0,), np.int32)  # no crop after the objects
 
   def corner(self, y, x):
-    cell = lambda v: np.clip(np.round(np.asarray(v) * (self.grid - 1)), 0, self.grid - 1).astype(np.int32)
+    cell = lambda v: np.round(np.clip(np.asarray(v), 0, 1) * (self.grid - 1)).astype(np.int32)
     return cell(y) * self.grid + cell(x)
 
   def __call__(self, boxes, labels, max_length):
-    """boxes [B, N, 4] normalised (ymin, xmin, ymax, xmax), labels [B, N] (-1 pads) -> ids [B, max_length]."""
+    """boxes [B, N, 4] normalised (ymin, xmin, ymax, xmax), labels [B, N] (-1 pads) -> ids [B, max_length]: the
+    objects' triples, pad triples up to the slots that fit before the trailer, the trailer, pads."""
     boxes, labels = np.asarray(boxes, np.float32), np.asarray(labels, np.int32)
-    if 3 * labels.shape[1] > max_length:
-      raise ValueError(f'{labels.shape[1]} objects take {3 * labels.shape[1]} tokens, more than '
-                       f'ldm.conditioning.max_length={max_length}; raise it or lower data.max_objects.')
+    slots = (max_length - len(self.trailer)) // 3
+    if labels.shape[1] > slots:
+      what = ' and the crop' if len(self.trailer) else ''
+      raise ValueError(f'{labels.shape[1]} objects{what} take {3 * labels.shape[1] + len(self.trailer)} tokens, more '
+                       f'than ldm.conditioning.max_length={max_length}; raise it or lower data.max_objects.')
     if labels.max(initial=-1) >= self.num_classes:
       raise ValueError(f'An object has class {labels.max()}, but ldm.conditioning.num_classes={self.num_classes}.')
-    tokens = np.stack([self.grid**2 + labels, self.corner(boxes[..., 0], boxes[..., 1]),
-                       self.corner(boxes[..., 2], boxes[..., 3])], axis=-1)
-    tokens = np.where(labels[..., None] >= 0, tokens, self.pad).reshape(len(labels), -1)
+    triples = np.stack([self.class_offset + labels, self.corner(boxes[..., 0], boxes[..., 1]),
+                        self.corner(boxes[..., 2], boxes[..., 3])], axis=-1)
+    objects = np.where(labels[..., None] >= 0, triples, self.pad).reshape(len(labels), -1)
+    objects = np.pad(objects, ((0, 0), (0, 3 * (slots - labels.shape[1]))), constant_values=self.pad)
+    tokens = np.concatenate([objects, np.broadcast_to(self.trailer, (len(labels), len(self.trailer)))], axis=1)
     return np.pad(tokens, ((0, 0), (0, max_length - tokens.shape[1])), constant_values=self.pad)
 
 
-class ReferenceLayoutTokenizer:
+class ReferenceLayoutTokenizer(LayoutTokenizer):
   """The reference layout2img's layout tokens (taming-transformers' bounding-box builder, its crop encoded): per
   object its class, then its top-left and bottom-right corners as y * S + x on an S x S lattice (S the integer
   square root of `vocab_size`; classes and corners share the ids), empty object slots as triples of the pad id
@@ -137,33 +143,13 @@ class ReferenceLayoutTokenizer:
   image as cropped, so the crop is the whole image, 0 and S^2 - 1 (the reference keeps boxes in the uncropped
   image and encodes the crop)."""
 
-  def __init__(self, vocab_size, num_classes):
+  def __init__(self, vocab_size, num_classes):  # pylint: disable=super-init-not-called
     self.grid = math.isqrt(vocab_size)
     if self.grid < 2 or not 1 <= num_classes < vocab_size:
       raise ValueError(f'Reference layout tokens need ldm.conditioning.vocab_size >= 4 (it is {vocab_size}) and 1 <= '
                        f'num_classes < vocab_size (it is {num_classes}).')
     self.num_classes, self.pad, self.vocab_size = num_classes, vocab_size - 1, vocab_size
-
-  def corner(self, y, x):
-    cell = lambda v: np.round(np.clip(np.asarray(v), 0, 1) * (self.grid - 1)).astype(np.int32)
-    return cell(y) * self.grid + cell(x)
-
-  def __call__(self, boxes, labels, max_length):
-    """boxes [B, N, 4] normalised (ymin, xmin, ymax, xmax), labels [B, N] (-1 pads) -> ids [B, max_length]."""
-    boxes, labels = np.asarray(boxes, np.float32), np.asarray(labels, np.int32)
-    slots = (max_length - 2) // 3
-    if labels.shape[1] > slots:
-      raise ValueError(f'{labels.shape[1]} objects and the crop take {3 * labels.shape[1] + 2} tokens, more than '
-                       f'ldm.conditioning.max_length={max_length}; raise it or lower data.max_objects.')
-    if labels.max(initial=-1) >= self.num_classes:
-      raise ValueError(f'An object has class {labels.max()}, but ldm.conditioning.num_classes={self.num_classes}.')
-    triples = np.stack([labels, self.corner(boxes[..., 0], boxes[..., 1]), self.corner(boxes[..., 2], boxes[..., 3])],
-                       axis=-1)
-    objects = np.where(labels[..., None] >= 0, triples, self.pad).reshape(len(labels), -1)
-    objects = np.pad(objects, ((0, 0), (0, 3 * (slots - labels.shape[1]))), constant_values=self.pad)
-    crop = np.broadcast_to(np.array([0, self.grid**2 - 1], np.int32), (len(labels), 2))
-    tokens = np.concatenate([objects, crop], axis=1)
-    return np.pad(tokens, ((0, 0), (0, max_length - tokens.shape[1])), constant_values=self.pad)
+    self.class_offset, self.trailer = 0, np.array([0, self.grid**2 - 1], np.int32)
 
 
 LAYOUT_TOKENS = ('reference', 'grid')  # ldm.conditioning.layout_tokens

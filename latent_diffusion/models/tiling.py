@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latent_diffusion.models import autoencoder
+
 
 def border_weights(h, w, min_weight, max_weight):
   """[h, w]: each pixel's distance to the crop's nearest border, coordinates normalised by (h - 1, w - 1), so 0 at
@@ -60,7 +62,7 @@ def _apply(fn, x, tiles, factor):
 def encode(model, params, x, tiles):
   """The first stage's encoding of images x, in crops when autoencoder.tiling sets a size."""
   return _apply(lambda crop: model.apply({'params': params}, crop, method='encode'), x, tiles,
-                2 ** (len(model.ch_mult) - 1))
+                autoencoder.downsampling_factor(model.ch_mult))
 
 
 def decode(model, params, z, tiles):

@@ -2,8 +2,8 @@
 
 Writes WORKDIR/samples/: `grid_cfg<scale>.png` per guidance scale (a row per condition, a column per seed),
 `samples.npz` (`images` uint8 [N, H, W, 3]; per image its `prompts`, `labels` or `condition_indices`, `seeds`,
-`guidance_scales` and any `negative_prompts` (and img2img's `init_images` folder and `strength`), the images of
-one condition consecutive in the config's order; `ldm_step`), TensorBoard
+`guidance_scales` and any `negative_prompts` (and img2img's `init_images`, `strength` and `mask_images`), the
+images of one condition consecutive in the config's order; `ldm_step`), TensorBoard
 grids, and on `captioned_shapes` `prompt_agreement.json`.
 """
 
@@ -19,6 +19,7 @@ from latent_diffusion import files
 from latent_diffusion import parallel
 from latent_diffusion.data import latent_store
 from latent_diffusion.diffusion import generate
+from latent_diffusion.models import autoencoder
 from latent_diffusion.models import conditioning
 from latent_diffusion.training import checkpoint
 from latent_diffusion.training import ldm
@@ -38,7 +39,8 @@ def _saved_request(config, workdir):
   if requests.negative_prompts is not None:
     saved['negative_prompts'] = np.array(requests.negative_prompts)
   if config.sampling.init_images:  # img2img
-    saved.update(init_images=np.array(config.sampling.init_images), strength=np.array(config.sampling.strength))
+    saved.update(init_images=np.array(config.sampling.init_images), strength=np.array(config.sampling.strength),
+                 mask_images=np.array(config.sampling.mask_images))
   if generate.conditions_are_stored(cond.kind, cond.concat):
     key = 'condition_indices'
   else:
@@ -64,9 +66,11 @@ def run(config, workdir):
     raise ValueError(f'No latent store metadata in {store}; run the `latents` and `ldm` stages first.')
   unet, conditioner, params, step = ldm.load_trained(config, workdir, mesh, metadata)
   generator, ae_params = ldm.make_generator(config, workdir, mesh, unet, conditioner, metadata)
-  image_size = ldm.sample_latent_shape(config, metadata)[0] * 2 ** (len(config.autoencoder.model.ch_mult) - 1)
+  image_size = ldm.sample_latent_shape(config, metadata)[0] * autoencoder.downsampling_factor(
+      config.autoencoder.model.ch_mult)
   requests = generate.requests_from_config(config.sampling, conditioner.kind, config.ldm.conditioning.concat,
-                                           generate.read_init_images(config.sampling, image_size))
+                                           generate.read_init_images(config.sampling, image_size),
+                                           generate.read_masks(config.sampling, image_size))
   start = time.time()
   images = generator(params, ae_params, requests)
   seconds = time.time() - start
