@@ -166,6 +166,12 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
       layout_grid=0, concat='', segmentation_classes=0, segmentation_map_channels=0))
   c.conditioning.update(conditioning)
   c.init_from = ''  # UNet weights to start from (fine-tuning): a diffusers folder or a CompVis LDM checkpoint
+  # LoRA fine-tuning (an addition; rank 0: off): rank-`rank` adapters on the UNet layers named in `targets`
+  # (and, with `conv`, the ResBlocks' 3x3 convs: LoCon), scaled by alpha / rank (alpha 0: the rank). The UNet and
+  # the conditioning encoder stay frozen; the optimizer and EMA hold the adapters only. The stage writes them
+  # to WORKDIR/ldm/lora/ in the diffusers and kohya formats.
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=('to_q', 'to_k', 'to_v', 'to_out'),
+                                          conv=False))
   beta_start, beta_end = SCHEDULE_ENDS[schedule]
   c.schedule = ml_collections.ConfigDict(dict(
       kind='scaled_linear', num_timesteps=1000, beta_start=beta_start, beta_end=beta_end))
@@ -267,11 +273,12 @@ def sampling(**overrides):
   file-name order) makes the `sample` stage img2img (SDEdit, DDIM): each image's latent noised to `strength` of
   the chain (the last int(strength x num_steps) steps run; the CompVis script's default 0.75); `mask_images` (a
   folder like it, white = repaint) also keeps the rest: the sampler re-noises the init latent there each step
-  and the init latent is pasted there at the end.
+  and the init latent is pasted there at the end. `loras`: LoRA files (diffusers, PEFT or kohya names) merged
+  into the UNet at `lora_weights` (empty: 1 each) before sampling.
   """
   c = ml_collections.ConfigDict(dict(
       sampler='ddim', num_steps=50, eta=0.0, guidance_scales=(1.0,), seeds=(0, 1, 2, 3), prompts=(),
-      prompt_file='', negative_prompts=(), init_images='', strength=0.75, mask_images='',
+      prompt_file='', negative_prompts=(), init_images='', strength=0.75, mask_images='', loras=(), lora_weights=(),
       class_ids=(), condition_split='validation',
       condition_indices=(0, 1, 2, 3), batch_size=8, latent_size=0))
   c.update(overrides)

@@ -13,6 +13,7 @@ import numpy as np
 
 from latent_diffusion import parallel
 from latent_diffusion import stages
+from latent_diffusion.data import captioned_shapes
 from latent_diffusion.data import latent_store
 from latent_diffusion.diffusion import concat as concat_lib
 from latent_diffusion.diffusion import generate
@@ -138,6 +139,8 @@ def _ldm(found, c, latent_size):
   found.number('ldm.total_steps', c.ldm.total_steps, low=0, integer=True)
   found.number('ldm.schedule.num_timesteps', c.ldm.schedule.num_timesteps, low=1, integer=True)
   found.file('ldm.init_from', c.ldm.init_from)
+  found.number('ldm.lora.rank', c.ldm.lora.rank, low=0, integer=True)
+  found.number('ldm.lora.alpha', c.ldm.lora.alpha, low=0)
   down = 2 ** (len(u.channel_mult) - 1)
   found.divides('the latent size (data.resolution / the first stage factor)', latent_size, down,
                 f'the UNet downsamples {len(u.channel_mult) - 1} times; change data.resolution or '
@@ -201,13 +204,28 @@ def _sampling(found, c):
   for scale in s.guidance_scales:
     found.number('sampling.guidance_scales', scale)
   init, masks = _img2img(found, s)
-  if c.ldm.conditioning.kind in conditioning.KINDS and c.ldm.conditioning.concat in concat_lib.KINDS:
-    found.guard(lambda: generate.requests_from_config(s, c.ldm.conditioning.kind, c.ldm.conditioning.concat, init,
-                                                      masks))
+  for path in s.loras:
+    found.file('sampling.loras', path)
+  if s.lora_weights and len(s.lora_weights) != len(s.loras):
+    found.append(f'sampling.lora_weights has {len(s.lora_weights)} entries for {len(s.loras)} sampling.loras; give '
+                 'one per file, or none (1 each).')
+  cond = c.ldm.conditioning
+  if cond.kind in conditioning.KINDS and cond.concat in concat_lib.KINDS:
+    found.guard(lambda: _scored_prompts(c, generate.requests_from_config(s, cond.kind, cond.concat, init, masks)))
   if isinstance(c.ldm.schedule.num_timesteps, int) and c.ldm.schedule.num_timesteps > 0:
     found.number('sampling.num_steps', s.num_steps, low=1, high=c.ldm.schedule.num_timesteps, integer=True)
     if s.sampler == 'ddim' and isinstance(s.num_steps, int) and 0 < s.num_steps <= c.ldm.schedule.num_timesteps:
       found.guard(lambda: sampling.ddim_timesteps(c.ldm.schedule.num_timesteps, s.num_steps))
+
+
+def _scored_prompts(c, requests):
+  """Text prompts for a `captioned_shapes` model are scored after sampling (prompt agreement): each must be in
+  the dataset's grammar, checked here rather than after the sampling compute."""
+  cond = c.ldm.conditioning
+  if (c.data.name.startswith('captioned_shapes') and cond.kind in conditioning.TEXT_KINDS
+      and not generate.conditions_are_stored(cond.kind, cond.concat)):
+    for prompt in sorted(set(requests.conditions)):
+      captioned_shapes.parse_caption(prompt)
 
 
 def _img2img(found, s):

@@ -13,6 +13,8 @@ from latent_diffusion import validate
 from tests import shipped_configs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+TWO_PROMPTS = ('--config.sampling.prompts=("a large red circle in the center",'
+               '"a small blue square in the top left")')
 SMOKE = '--config=configs/txt2img.py:smoke'
 
 # (flags after the config, text the message must contain: the field, and where it helps the value or the fix)
@@ -75,13 +77,18 @@ CASES = [
     ([SMOKE, '--config.autoencoder.tiling.size=4', '--config.autoencoder.tiling.stride=3'],
      'autoencoder.tiling.stride: crops of 4 every 3'),
     ([SMOKE, '--config.sampling.init_images=docs'], 'sampling.init_images holds 2 images for 8 conditions'),
-    ([SMOKE, '--config.sampling.init_images=docs', '--config.sampling.prompts=("a","b")',
+    ([SMOKE, '--config.sampling.init_images=docs', TWO_PROMPTS,
       '--config.sampling.sampler=plms'],
      "sampling.init_images (img2img) runs the DDIM sampler, not sampling.sampler='plms'"),
     ([SMOKE, '--config.sampling.init_images=nope'], "sampling.init_images: Image folder 'nope' not found"),
     ([SMOKE, '--config.sampling.mask_images=docs'], 'sampling.mask_images needs sampling.init_images'),
-    ([SMOKE, '--config.sampling.init_images=docs', '--config.sampling.prompts=("a","b")',
+    ([SMOKE, '--config.sampling.init_images=docs', TWO_PROMPTS,
       '--config.sampling.mask_images=nope'], "sampling.mask_images: Image folder 'nope' not found"),
+    ([SMOKE, '--config.ldm.lora.rank=-1'], 'ldm.lora.rank=-1'),
+    ([SMOKE, "--config.sampling.prompts=('a red circle',)"], "'a red circle' in the caption 'a red circle' is not"),
+    ([SMOKE, "--config.sampling.loras=('nope.safetensors',)"], "sampling.loras='nope.safetensors': no such file"),
+    ([SMOKE, "--config.sampling.loras=('README.md',)", '--config.sampling.lora_weights=(1.0,2.0)'],
+     'sampling.lora_weights has 2 entries for 1 sampling.loras'),
     ([SMOKE, '--config.sampling.negative_prompts=("a","b")'], 'sampling.negative_prompts has 2 entries for 8'),
     # Mistakes in the flags and the config file itself.
     ([SMOKE, '--config.ldm.batchsize=8'], """--config.ldm.batchsize: the config has no field 'batchsize'; did you """

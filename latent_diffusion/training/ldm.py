@@ -2,12 +2,14 @@
 
 Each step samples z from the stored posterior moments, scales it, drops the condition with probability
 `p_uncond`, and takes one AdamW step (optional warm-up and clipping) on the diffusion loss, with EMA params kept.
+With `ldm.lora`, the steps train LoRA adapters of a frozen UNet (and frozen conditioning encoder).
 Every `eval_every` steps it draws the configured prompts with the EMA params (the `sample` stage's sampler).
 """
 
 import os
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,7 @@ from latent_diffusion.diffusion import schedules
 from latent_diffusion.evaluation import evaluator as evaluator_lib
 from latent_diffusion.evaluation import prompt_agreement
 from latent_diffusion.models import conditioning
+from latent_diffusion.models import lora
 from latent_diffusion.models import tiling
 from latent_diffusion.models import unet as unet_lib
 from latent_diffusion.training import autoencoder as autoencoder_stage
@@ -32,6 +35,7 @@ from latent_diffusion.training import loop
 from latent_diffusion.training import train_state
 from latent_diffusion.weights import clip
 from latent_diffusion.weights import conditioning as weights_conditioning
+from latent_diffusion.weights import lora as weights_lora
 from latent_diffusion.weights import unet as weights_unet
 
 STAGE = 'ldm'
@@ -136,11 +140,15 @@ def create(config, metadata):
   tx = optimizer(ldm.optimizer, ldm.total_steps)
 
   def init(rng):
-    unet_rng, cond_rng = jax.random.split(rng)
+    unet_rng, cond_rng, lora_rng = jax.random.split(rng, 3)
     cond_params = conditioner.init(cond_rng)
     context = conditioner.encode(cond_params, jax.tree.map(jnp.asarray, conditioner.null))
     x = jnp.zeros((1,) + shape[:-1] + (shape[-1] + concat_channels,))
     unet_params = unet.init(unet_rng, x, jnp.zeros((1,), jnp.int32), context)['params']
+    if ldm.lora.rank:  # the base frozen, the adapters trained (and their EMA)
+      frozen = {'unet': unet_params, 'cond': cond_params}
+      return train_state.TrainState.create({'lora': lora.init(lora_rng, unet_params, ldm.lora)}, tx, ldm.ema_decay,
+                                           frozen=frozen)
     if conditioner.frozen:
       return train_state.TrainState.create({'unet': unet_params}, tx, ldm.ema_decay, frozen={'cond': cond_params})
     ema_keys = () if ldm.ema_cond or not cond_params else ('unet',)
@@ -150,11 +158,40 @@ def create(config, metadata):
   return unet, conditioner, init
 
 
+def is_ldm_workdir(path):
+  """Whether `path` is a workdir of ours with ldm checkpoints (a base for `ldm.init_from`)."""
+  return bool(path) and epath.Path(path, STAGE, 'checkpoints').is_dir()
+
+
+def _trained_params(config, workdir, mesh):
+  """The params sampling would use (EMA) of the newest ldm checkpoint of another workdir, on the host."""
+  base = config.copy_and_resolve_references()
+  base.ldm.lora.rank, base.ldm.init_from = 0, ''
+  metadata = latent_store.read_metadata(latent_store.split_dir(workdir, config.latents.splits[0]))
+  _, _, init = create(base, metadata)
+  state, step = checkpoint.restore_newest(checkpoint_dir(workdir), init, mesh, STAGE)
+  logging.info('Read the trained ldm of %s at step %d.', workdir, step)
+  return jax.device_get(state.eval_params)
+
+
+def _imported(config, base, mesh):
+  """(UNet params, conditioning params or None) of `ldm.init_from`, on the host, shaped like `base`."""
+  ldm = config.ldm
+  trains_cond = 'cond' in base and ldm.conditioning.kind != 'clip'
+  if is_ldm_workdir(ldm.init_from):
+    trained = _trained_params(config, ldm.init_from, mesh)
+    return trained['unet'], trained['cond'] if trains_cond else None
+  unet_params, state_dict = weights_unet.load(ldm.init_from, base['unet'], ldm.unet)
+  if state_dict and trains_cond and any(k.startswith(weights_conditioning.PREFIX) for k in state_dict):
+    return unet_params, weights_conditioning.convert(state_dict, ldm.conditioning.kind, base['cond'], ldm.init_from)
+  return unet_params, None
+
+
 def make_warm_start(config):
-  """Imported weights for a fresh `ldm` state: the UNet of `ldm.init_from` (a diffusers folder or a CompVis
-  checkpoint; fine-tuning) with, from a CompVis checkpoint, its trained conditioning encoder (BERTEmbedder,
-  ClassEmbedder), and the frozen CLIP text encoder of `ldm.conditioning.pretrained`; None when neither is
-  configured."""
+  """Imported weights for a fresh `ldm` state: the UNet of `ldm.init_from` (a diffusers folder, a CompVis
+  checkpoint or a workdir of ours with a trained ldm; fine-tuning) with, from a CompVis checkpoint or a workdir,
+  its trained conditioning encoder (BERTEmbedder, ClassEmbedder), and the frozen CLIP text encoder of
+  `ldm.conditioning.pretrained`; None when neither is configured. With LoRA they are the frozen base."""
   ldm = config.ldm
   if not ldm.init_from and ldm.conditioning.kind != 'clip':
     return None
@@ -162,21 +199,23 @@ def make_warm_start(config):
   def warm_start(state, shardings):
     params, frozen = dict(state.params), dict(state.frozen or {})
     ema = state.ema_params
+    # LoRA keeps the base in `frozen`: the imported weights go there.
+    base, base_shardings = (frozen, shardings.frozen) if ldm.lora.rank else (params, shardings.params)
     if ldm.init_from:
-      unet_params, state_dict = weights_unet.load(ldm.init_from, state.params['unet'], ldm.unet)
-      if state_dict and 'cond' in params and any(k.startswith(weights_conditioning.PREFIX) for k in state_dict):
-        cond_params = weights_conditioning.convert(state_dict, ldm.conditioning.kind, params['cond'], ldm.init_from)
-        params['cond'] = parallel.put(cond_params, shardings.params['cond'])
+      unet_params, cond_params = _imported(config, base, jax.tree.leaves(shardings.params)[0].mesh)
+      if cond_params is not None:
+        base['cond'] = parallel.put(cond_params, base_shardings['cond'])
         if ema is not None and 'cond' in ema:
           ema = {**ema, 'cond': parallel.put(cond_params, shardings.ema_params['cond'])}
         logging.info('Initialised the conditioning encoder from %s.', ldm.init_from)
-      params['unet'] = parallel.put(unet_params, shardings.params['unet'])
+      base['unet'] = parallel.put(unet_params, base_shardings['unet'])
       logging.info('Initialised the UNet from %s.', ldm.init_from)
     if ldm.conditioning.kind == 'clip':
       _, cond_params = clip.load_text_encoder(ldm.conditioning.pretrained)
       frozen['cond'] = parallel.put(cond_params, shardings.frozen['cond'])
       logging.info('Loaded the frozen CLIP text encoder of %s.', ldm.conditioning.pretrained)
-    if ema is not None and ldm.init_from:  # the EMA starts at the imported UNet too, in its own buffers (donation)
+    # The EMA starts at the imported UNet too, in its own buffers (donation).
+    if ema is not None and ldm.init_from and 'unet' in ema:
       ema = {**ema, 'unet': parallel.put(unet_params, shardings.ema_params['unet'])}
     return state.replace(params=params, ema_params=ema, frozen=frozen or None)
 
@@ -195,7 +234,8 @@ def make_train_step(config, unet, conditioner, schedule, scale_factor, kind):
                                      segmentation_classes=ldm.conditioning.segmentation_classes)
 
     def loss_fn(params):
-      context = conditioner.encode(state.with_frozen(params)['cond'], inputs)
+      params = model_params(config, state.with_frozen(params))
+      context = conditioner.encode(params['cond'], inputs)
       unet_fn = lambda x, t, c: unet.apply({'params': params['unet']}, x, t, c, deterministic=False,
                                            rngs={'dropout': dropout_rng})
       model = concat_lib.with_concat(unet_fn, condition)
@@ -208,6 +248,14 @@ def make_train_step(config, unet, conditioner, schedule, scale_factor, kind):
     return state.apply_gradients(grads), {'loss': loss, 'grad_norm': optax.global_norm(grads)}
 
   return train_step
+
+
+def model_params(config, params):
+  """The params the models read: a LoRA run's adapters ({'lora': ...}) merged into its frozen UNet."""
+  params = dict(params)
+  if 'lora' in params:
+    params['unet'] = lora.merge(params['unet'], params.pop('lora'), lora.scale_of(config.ldm.lora))
+  return params
 
 
 def stored_latent_shape(metadata):
@@ -256,10 +304,11 @@ def make_evaluate(config, workdir, generator, ae_params, fid_evaluator=None):
 
   def evaluate(state, step):
     del step
-    images = generator(state.eval_params, ae_params, requests)
+    params = model_params(config, state.eval_params)
+    images = generator(params, ae_params, requests)
     scalars = sample_scalars(config, requests, images, generator.condition_source)
     if fid_evaluator is not None:
-      out, _ = evaluator_lib.sample_features(config, fid_evaluator, generator, state.eval_params, ae_params,
+      out, _ = evaluator_lib.sample_features(config, fid_evaluator, generator, params, ae_params,
                                              fresh, lambda *_: {}, chunk=len(fresh.seeds))
       scalars.update(fid_evaluator.metrics(out))
     return scalars, {'samples': images / 127.5 - 1.0}
@@ -296,7 +345,13 @@ def load_trained(config, workdir, mesh, metadata, step=None):
   if state.ema_params is None:
     logging.warning('The ldm checkpoint at step %d keeps no EMA params (ldm.ema_decay=0); sampling with the raw '
                     'params.', step)
-  return unet, conditioner, state.eval_params, step
+  params = model_params(config, state.eval_params)
+  s = config.sampling
+  if s.loras:  # LoRA files merged in at their weights
+    params['unet'] = weights_lora.merge_files(params['unet'], s.loras, s.lora_weights or (1.0,) * len(s.loras),
+                                              len(config.ldm.unet.channel_mult))
+    logging.info('Merged the LoRA files %s into the UNet.', ', '.join(s.loras))
+  return unet, conditioner, params, step
 
 
 def is_done(config, workdir):
@@ -333,5 +388,24 @@ def run(config, workdir):
       config, unet, conditioner, schedule, metadata['scale_factor'], metadata['kind']),
                    evaluate=make_evaluate(config, workdir, generator, ae_params, fid_evaluator),
                    warm_start=make_warm_start(config))
-  return loop.train(task, workdir=os.path.join(workdir, STAGE), mesh=mesh, seed=config.seed,
-                    total_steps=ldm.total_steps, **ldm.train_schedule.to_dict())
+  state = loop.train(task, workdir=os.path.join(workdir, STAGE), mesh=mesh, seed=config.seed,
+                     total_steps=ldm.total_steps, **ldm.train_schedule.to_dict())
+  if ldm.lora.rank:
+    export_lora(config, workdir, state)
+  return state
+
+
+def lora_dir(workdir):
+  return os.path.join(workdir, STAGE, 'lora')
+
+
+def export_lora(config, workdir, state):
+  """Writes the adapters sampling uses (EMA when kept) as WORKDIR/ldm/lora/pytorch_lora_weights.safetensors
+  (diffusers' name and format) and lora_kohya.safetensors."""
+  adapters = parallel.to_host(state.eval_params['lora'])
+  if not parallel.is_main_process():
+    return
+  for name, fmt in (('pytorch_lora_weights.safetensors', 'diffusers'), ('lora_kohya.safetensors', 'kohya')):
+    weights_lora.write(os.path.join(lora_dir(workdir), name), adapters, lora.scale_of(config.ldm.lora),
+                       len(config.ldm.unet.channel_mult), fmt)
+  logging.info('Wrote the LoRA adapters to %s.', lora_dir(workdir))
