@@ -9,6 +9,13 @@ os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_p
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # TPU compiles in parallel workers (compile-only)
+# One persistent compilation cache for the whole run, workers and the subprocesses they start (which inherit the
+# environment): the end-to-end tests compile the same stage programs in process after process. A size limit turns
+# on JAX's file lock, so parallel writers do not interleave; the directory starts empty each run.
+COMPILATION_CACHE = pathlib.Path(os.environ.get('LDM_TEST_COMPILATION_CACHE', '/tmp/ldm_test_compilation_cache'))
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(COMPILATION_CACHE))
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(8 * 2**30))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import pytest  # pylint: disable=g-import-not-at-top
 
@@ -50,3 +57,9 @@ def shared_dir(tmp_path_factory):
     return path
 
   return get
+
+
+def pytest_configure(config):
+  """The run's controller (not an xdist worker) empties the compilation cache, so each run is timed cold."""
+  if not hasattr(config, 'workerinput') and os.environ['JAX_COMPILATION_CACHE_DIR'] == str(COMPILATION_CACHE):
+    shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)

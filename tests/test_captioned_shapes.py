@@ -74,6 +74,7 @@ def test_splits_sizes_and_labels(tfds_dir):
   assert info.features['image'].shape == (32, 32, 3)
 
 
+@pytest.mark.slow  # 70-120 s in the full run: CI and the README command run it
 def test_building_twice_gives_identical_examples(tfds_dir, tmp_path):
   tfds.builder('captioned_shapes/32', data_dir=str(tmp_path)).download_and_prepare()
   for split in ('validation', 'test'):

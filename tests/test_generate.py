@@ -263,6 +263,7 @@ def test_prompt_agreement_is_one_for_the_data_and_low_for_mismatched_prompts():
   assert blank['colour'] == blank['colour_position'] == 0.0
 
 
+@pytest.mark.slow  # 70-120 s in the full run: CI and the README command run it
 def test_sampling_loads_ema_params_and_falls_back_to_raw_params_with_a_warning(tmp_path, caplog):
   from latent_diffusion.training import checkpoint  # pylint: disable=g-import-not-at-top
   metadata = {'shape': [4, 4, 6], 'kind': 'kl', 'scale_factor': 0.5}

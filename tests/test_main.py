@@ -25,6 +25,7 @@ TINY_AUTOENCODER = ('--config.autoencoder.total_steps=2', '--config.autoencoder.
                     '--config.autoencoder.batch_size=8', '--config.autoencoder.eval.num_images=8')
 
 
+@pytest.mark.slow  # 70-120 s in the full run: CI and the README command run it
 def test_a_stage_writes_the_config_and_incompatible_reruns_are_refused(tmp_path, tfds_dir):
   smoke = ('--config=configs/txt2img.py:smoke', f'--workdir={tmp_path}', f'--config.data.data_dir={tfds_dir}',
            '--stage=autoencoder', *TINY_AUTOENCODER)

@@ -78,6 +78,7 @@ def test_find_batch_returns_the_largest_batch_that_fits(monkeypatch):
   assert tried[:7] == [1, 2, 4, 8, 16, 32, 64]
 
 
+@pytest.mark.slow  # 70-120 s in the full run: CI and the README command run it
 def test_a_plan_for_this_machine_compiles_the_stage_and_counts_its_flops():
   config = txt2img.get_config('smoke')
   lines = []
@@ -93,6 +94,7 @@ def test_a_plan_for_this_machine_compiles_the_stage_and_counts_its_flops():
   assert table.startswith('Topology local (8 cpu devices)') and table.count('\n| latents |') == 5
 
 
+@pytest.mark.slow  # 70-120 s in the full run: CI and the README command run it
 def test_the_cli_prints_one_error_line_for_bad_input(tmp_path):
   def run(*args):
     done = subprocess.run([sys.executable, '-m', 'latent_diffusion.plan', '--config=configs/txt2img.py:smoke',
