@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from latent_diffusion import parallel
+from latent_diffusion import programs
 from latent_diffusion import stages
 from latent_diffusion.data import captioned_shapes
 from latent_diffusion.data import latent_store
@@ -29,6 +30,7 @@ from latent_diffusion.models import conditioning
 from latent_diffusion.models import tiling
 from latent_diffusion.models import unet as unet_lib
 from latent_diffusion.training import evaluate
+from latent_diffusion.training import ldm as ldm_stage
 from latent_diffusion.training import loop
 from latent_diffusion.training import train_state
 from latent_diffusion.weights import inception as weights_inception
@@ -218,6 +220,11 @@ def _sampling(found, c):
       found.guard(lambda: sampling.ddim_timesteps(c.ldm.schedule.num_timesteps, s.num_steps))
 
 
+def _lora_targets(c):
+  """ldm.lora.targets name layers of the configured UNet: the LoRA train state's shapes, traced (no compute)."""
+  jax.eval_shape(ldm_stage.create(c, programs.latent_metadata(c))[2], jax.random.PRNGKey(0))
+
+
 def _scored_prompts(c, requests):
   """Text prompts for a `captioned_shapes` model are scored after sampling (prompt agreement): each must be in
   the dataset's grammar, checked here rather than after the sampling compute."""
@@ -315,6 +322,8 @@ def problems(config, mesh=None, stage='all', batches=True):
   _ldm(found, c, latent_size)
   _sampling(found, c)
   _eval(found, c)
+  if not found and isinstance(c.ldm.lora.rank, int) and c.ldm.lora.rank > 0:
+    found.guard(lambda: _lora_targets(c))
   if mesh is not None:
     _kernel_platform(found, c.ldm.unet.attention, mesh.devices.flat[0].platform)
     run = stages.selected(stage)

@@ -85,6 +85,8 @@ CASES = [
     ([SMOKE, '--config.sampling.init_images=docs', TWO_PROMPTS,
       '--config.sampling.mask_images=nope'], "sampling.mask_images: Image folder 'nope' not found"),
     ([SMOKE, '--config.ldm.lora.rank=-1'], 'ldm.lora.rank=-1'),
+    ([SMOKE, '--config.ldm.lora.rank=4', "--config.ldm.lora.targets=('to_x',)"],
+     "ldm.lora.targets=('to_x',) names no layer of the UNet"),
     ([SMOKE, "--config.sampling.prompts=('a red circle',)"], "'a red circle' in the caption 'a red circle' is not"),
     ([SMOKE, "--config.sampling.loras=('nope.safetensors',)"], "sampling.loras='nope.safetensors': no such file"),
     ([SMOKE, "--config.sampling.loras=('README.md',)", '--config.sampling.lora_weights=(1.0,2.0)'],
