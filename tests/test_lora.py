@@ -138,13 +138,14 @@ def test_diffusers_peft_older_and_kohya_files_import_exactly_and_our_exports_loa
   expected = _run_torch(reference, inputs)
   model, base, _ = weights_unet.load_diffusers(tmp_path)  # the UNet saved before the adapter
   assert np.abs(_run_ours(model, base, inputs) - expected).max() > 0.05  # the adapters matter
-  merged = weights_lora.merge_files(base, [peft_file], [1.0], 3)
+  merged = weights_lora.merge_files(base, [peft_file], [1.0], model)
   np.testing.assert_allclose(_run_ours(model, merged, inputs), expected, atol=test_weights.ATOL)
 
   # The same adapters under the older diffusers names (no alphas: the scale 2 folded into up) and kohya's.
   state = load_file(str(peft_file))
   modules = sorted({k[len('unet.'):-len('.lora_A.weight')] for k in state if k.endswith('.lora_A.weight')})
-  old, processor, kohya = {}, {}, {}
+  index, _ = weights_lora.module_index(base, model)
+  old, processor, kohya, kohya_compvis = {}, {}, {}, {}
   for m in modules:
     down, up = state[f'unet.{m}.lora_A.weight'], state[f'unet.{m}.lora_B.weight']
     old.update({f'{m}.lora.down.weight': down, f'{m}.lora.up.weight': 2 * up})
@@ -155,20 +156,24 @@ def test_diffusers_peft_older_and_kohya_files_import_exactly_and_our_exports_loa
     stem = 'lora_unet_' + m.replace('.', '_')
     kohya.update({f'{stem}.lora_down.weight': down, f'{stem}.lora_up.weight': up,
                   f'{stem}.alpha': np.array(8.0, np.float32)})
-  for name, tensors in (('old', old), ('processor', processor), ('kohya', kohya)):
+    stem = 'lora_unet_' + weights_unet.compvis_key(index[m] + ('kernel',), model).replace('.', '_')  # A1111-era
+    kohya_compvis.update({f'{stem}.lora_down.weight': down, f'{stem}.lora_up.weight': up,
+                          f'{stem}.alpha': np.array([8.0], np.float32)})
+  assert any('input_blocks' in k for k in kohya_compvis)
+  for name, tensors in (('old', old), ('processor', processor), ('kohya', kohya), ('kohya_compvis', kohya_compvis)):
     save_file(tensors, str(tmp_path / f'{name}.safetensors'))
-    got = _run_ours(model, weights_lora.merge_files(base, [tmp_path / f'{name}.safetensors'], [1.0], 3), inputs)
+    got = _run_ours(model, weights_lora.merge_files(base, [tmp_path / f'{name}.safetensors'], [1.0], model), inputs)
     np.testing.assert_allclose(got, expected, atol=test_weights.ATOL, err_msg=name)
   # Two files at weights 0.5 each add up to the one at weight 1 (the deltas are linear).
-  half = weights_lora.merge_files(base, [peft_file, tmp_path / 'kohya.safetensors'], [0.5, 0.5], 3)
+  half = weights_lora.merge_files(base, [peft_file, tmp_path / 'kohya.safetensors'], [0.5, 0.5], model)
   np.testing.assert_allclose(_run_ours(model, half, inputs), expected, atol=test_weights.ATOL)
 
   # Our export, both formats, loads into a fresh diffusers UNet with the same output.
-  adapters = weights_lora.read(peft_file, base, 3)
+  adapters = weights_lora.read(peft_file, base, model)
   diffusers = torch_reference.import_diffusers()
   for fmt in weights_lora.FORMATS:
     out = tmp_path / f'export_{fmt}'
-    weights_lora.write(out / 'pytorch_lora_weights.safetensors', adapters, 1.0, 3, fmt)
+    weights_lora.write(out / 'pytorch_lora_weights.safetensors', adapters, 1.0, model, fmt)
     fresh = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / 'unet')).eval()
     state_dict, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(out))  # converts kohya's names
     fresh.load_lora_adapter(state_dict, network_alphas=alphas, prefix='unet')
@@ -176,16 +181,17 @@ def test_diffusers_peft_older_and_kohya_files_import_exactly_and_our_exports_loa
 
 
 def test_a_file_for_another_model_is_refused_by_name(tmp_path):
-  state = abstract_state(lora_config())
+  config = lora_config()
+  state = abstract_state(config)
   save_file({'lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight': np.zeros((4, 32), np.float32)},
             str(tmp_path / 'te.safetensors'))
   with pytest.raises(ValueError, match='1 tensors are not adapters of this UNet'):
-    weights_lora.read(tmp_path / 'te.safetensors', state.frozen['unet'], 2)
-  name = weights_unet.diffusers_key(sorted(lora.adapter_paths(state.params['lora']))[0] + ('kernel',), 2)
+    weights_lora.read(tmp_path / 'te.safetensors', state.frozen['unet'], config.ldm.unet)
+  name = weights_unet.diffusers_key(sorted(lora.adapter_paths(state.params['lora']))[0] + ('kernel',), 1)
   save_file({f'unet.{name}.lora_A.weight': np.zeros((4, 7), np.float32),
              f'unet.{name}.lora_B.weight': np.zeros((64, 4), np.float32)}, str(tmp_path / 'wrong.safetensors'))
   with pytest.raises(ValueError, match=f'the adapter of {name} makes a kernel of'):
-    weights_lora.read(tmp_path / 'wrong.safetensors', state.frozen['unet'], 2)
+    weights_lora.read(tmp_path / 'wrong.safetensors', state.frozen['unet'], config.ldm.unet)
 
 
 @pytest.mark.slow

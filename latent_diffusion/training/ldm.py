@@ -349,7 +349,7 @@ def load_trained(config, workdir, mesh, metadata, step=None):
   s = config.sampling
   if s.loras:  # LoRA files merged in at their weights
     params['unet'] = weights_lora.merge_files(params['unet'], s.loras, s.lora_weights or (1.0,) * len(s.loras),
-                                              len(config.ldm.unet.channel_mult))
+                                              config.ldm.unet)
     logging.info('Merged the LoRA files %s into the UNet.', ', '.join(s.loras))
   return unet, conditioner, params, step
 
@@ -407,5 +407,5 @@ def export_lora(config, workdir, state):
     return
   for name, fmt in (('pytorch_lora_weights.safetensors', 'diffusers'), ('lora_kohya.safetensors', 'kohya')):
     weights_lora.write(os.path.join(lora_dir(workdir), name), adapters, lora.scale_of(config.ldm.lora),
-                       len(config.ldm.unet.channel_mult), fmt)
+                       config.ldm.unet, fmt)
   logging.info('Wrote the LoRA adapters to %s.', lora_dir(workdir))

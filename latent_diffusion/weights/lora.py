@@ -2,7 +2,8 @@
 
 Read: diffusers / PEFT (`unet.<module>.lora_A.weight`, `.lora_B.weight`, what `save_lora_weights` writes today),
 the older diffusers names (`<module>.lora.down.weight`, `<attn>.processor.to_q_lora.down.weight`) and kohya /
-A1111 (`lora_unet_<module, dots as _>.lora_down.weight`, `.lora_up.weight`, `.alpha`). A module's scale is
+A1111 (`lora_unet_<module, dots as _>.lora_down.weight`, `.lora_up.weight`, `.alpha`; the module named as
+diffusers or as the CompVis UNetModel names it). A module's scale is
 alpha / rank, its alpha from the `.alpha` key, else from the PEFT config diffusers stores in the file's metadata
 (`lora_adapter_metadata`: lora_alpha, alpha_pattern, use_rslora), else the rank (scale 1, as diffusers loads
 such files). Write: the diffusers / PEFT names (the scale folded into lora_B, so no metadata is needed) or
@@ -30,15 +31,19 @@ _PROCESSOR = {'.processor.to_q': '.to_q', '.processor.to_k': '.to_k', '.processo
 FORMATS = ('diffusers', 'kohya')
 
 
-def module_index(unet_params, num_levels):
+def module_index(unet_params, unet_config):
   """{diffusers module name: our module path} of every module of the UNet that holds a kernel and has a diffusers
-  counterpart (ours alone, such as the semantic models' segmentation_map, have none)."""
+  counterpart (ours alone, such as the semantic models' segmentation_map, have none), and {kohya stem: diffusers
+  name} for both kohya spellings: diffusers' module names and the CompVis UNetModel's (A1111-era files)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(unet_params))
-  index = {}
+  index, kohya = {}, {}
   for path in flat:
     if path[-1] == 'kernel' and path[0] != 'segmentation_map':
-      index[weights_unet.diffusers_key(path, num_levels)] = path[:-1]
-  return index
+      name = weights_unet.diffusers_key(path, len(unet_config.channel_mult))
+      index[name] = path[:-1]
+      for spelling in (name, weights_unet.compvis_key(path, unet_config)):
+        kohya[spelling.replace('.', '_')] = name
+  return index, kohya
 
 
 def _module_name(key, kohya_names):
@@ -78,15 +83,14 @@ def _scale(name, rank, alpha, peft):
   return 1.0 if alpha is None else float(np.asarray(alpha).reshape(())) / rank  # a scalar, 0-d or [1]
 
 
-def read(path, unet_params, num_levels):
+def read(path, unet_params, unet_config):
   """The adapters of a LoRA file as our tree ({module path: {'down', 'up'}}, down [in, r] or [kh, kw, in, r],
   up [r, out] with the module's scale folded in), for models/lora.merge. Keys of other models (a text encoder's
   `lora_te_*`, `text_encoder.*`) are refused by name."""
   state = torch_convert.read_state_dict(path)
   peft = _peft_config(path)
-  index = module_index(unet_params, num_levels)
+  index, kohya_names = module_index(unet_params, unet_config)
   kernels = flax.traverse_util.flatten_dict(flax.core.unfreeze(unet_params))
-  kohya_names = {name.replace('.', '_'): name for name in index}
   parts, unknown = collections.defaultdict(dict), []
   for key, value in state.items():
     found = _module_name(key, kohya_names)
@@ -113,14 +117,14 @@ def read(path, unet_params, num_levels):
   return flax.traverse_util.unflatten_dict(adapters)
 
 
-def merge_files(unet_params, files, weights, num_levels):
+def merge_files(unet_params, files, weights, unet_config):
   """The UNet params with the adapters of each LoRA file merged in at its weight (sampling.loras)."""
   for path, weight in zip(files, weights):
-    unet_params = lora.merge(unet_params, read(path, unet_params, num_levels), weight)
+    unet_params = lora.merge(unet_params, read(path, unet_params, unet_config), weight)
   return unet_params
 
 
-def write(path, adapters, scale, num_levels, fmt='diffusers'):
+def write(path, adapters, scale, unet_config, fmt='diffusers'):
   """Writes an adapters tree trained at `scale` as a .safetensors file in `fmt`: 'diffusers' (PEFT names under
   `unet.`, what diffusers' `load_lora_weights` reads) or 'kohya'."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
@@ -130,7 +134,7 @@ def write(path, adapters, scale, num_levels, fmt='diffusers'):
   for module, adapter in lora.adapter_paths(adapters).items():
     down, up = np.asarray(adapter['down'], np.float32), np.asarray(adapter['up'], np.float32)
     rank = down.shape[-1]
-    name = weights_unet.diffusers_key(module + ('kernel',), num_levels)
+    name = weights_unet.diffusers_key(module + ('kernel',), len(unet_config.channel_mult))
     torch_down = down.T if down.ndim == 2 else down.transpose(3, 2, 0, 1)  # -> [r, in(, kh, kw)]
     torch_up = up.T if down.ndim == 2 else up.T[:, :, None, None]  # -> [out, r(, 1, 1)]
     if fmt == 'diffusers':
