@@ -193,7 +193,7 @@ def test_disc_start_gates_the_adversarial_terms():
   assert float(metrics['loss']) == pytest.approx(float(metrics['nll_loss'] + 1e-6 * metrics['reg_loss']), rel=1e-6)
 
 
-@pytest.mark.slow  # 60-80 s each here; the default suite's sharding check is test_unet's 3-axis mesh
+@pytest.mark.slow  # 60-80 s each here; test_unet's 3-axis mesh check is the whole-model one (slow too)
 @pytest.mark.parametrize('kind', ['kl', 'vq'])
 def test_train_step_sharded_on_8_devices_equals_1_device(kind):
   config = tiny_config(kind)

@@ -136,6 +136,7 @@ def test_causal_attention_agrees_with_a_masked_softmax():
       np.testing.assert_allclose(attention.chunked_attention(q, k, v, *chunks, causal=True), expected, atol=1e-5)
 
 
+@pytest.mark.slow  # 165 s: the default suite keeps test_attention_sharding's and test_parallel's mesh checks
 def test_output_and_training_step_equal_on_1_and_8_devices():
   """All three axes at once: the fsdp and tensor rules together (each alone is a special case of the specs)."""
   mesh_shape = dict(data=2, fsdp=2, tensor=2)
