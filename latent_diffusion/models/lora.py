@@ -6,6 +6,8 @@ stays frozen and the optimizer and EMA hold adapters only. A dense kernel [in, o
 initialises them: down uniform in +-1/sqrt(fan_in), up zero, so training starts at the base model.
 """
 
+import math
+
 import flax
 import flax.linen as nn
 import jax
@@ -43,10 +45,7 @@ def init(rng, unet_params, lora_config):
     kernel = flat[path + ('kernel',)]
     names = kernel.names if isinstance(kernel, nn.Partitioned) else (None,) * kernel.ndim
     shape = nn.meta.unbox(kernel).shape
-    fan_in = 1
-    for d in shape[:-1]:
-      fan_in *= d
-    bound = 1 / fan_in**0.5
+    bound = 1 / math.prod(shape[:-1])**0.5  # 1 / sqrt(fan_in)
     down = jax.random.uniform(key, shape[:-1] + (lora_config.rank,), jnp.float32, -bound, bound)
     adapters[path + ('down',)] = nn.LogicallyPartitioned(down, names[:-1] + (None,))
     adapters[path + ('up',)] = nn.LogicallyPartitioned(jnp.zeros((lora_config.rank, shape[-1])), (None, names[-1]))
