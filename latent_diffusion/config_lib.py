@@ -62,7 +62,8 @@ def autoencoder(name, *, smoke=False):
   c = ml_collections.ConfigDict()
   c.name = name
   # Imported weights instead of training: a diffusers AutoencoderKL/VQModel folder (or a Stable Diffusion folder
-  # with vae/) or a CompVis first-stage / LDM checkpoint file; `model` must describe the same architecture.
+  # with vae/), a CompVis first-stage / LDM checkpoint file, or another workdir of ours with a trained
+  # autoencoder (a ControlNet on our own base); `model` must describe the same architecture.
   c.pretrained = ''
   c.model = ml_collections.ConfigDict(dict(
       kind=arch['kind'], ch=128, ch_mult=arch['ch_mult'], num_res_blocks=2,
@@ -172,6 +173,13 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
   # to WORKDIR/ldm/lora/ in the diffusers and kohya formats.
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=('to_q', 'to_k', 'to_v', 'to_out'),
                                           conv=False))
+  # ControlNet (an addition; kind '': off): a trainable copy of the UNet's input and middle blocks reads a control
+  # image drawn from each example's stored class-id map (data.segmentation_key): 'segmentation' (the classes in
+  # the VOC palette) or 'edges' (their outlines); or 'image', the example's own control image
+  # (data.control_folder). The control embedding has `embedding_channels` and downsamples
+  # 2^(len - 1) times, the first stage's factor. `init_from`: a diffusers ControlNetModel folder; empty: a copy of
+  # the base UNet (ldm.init_from), zero convs at zero. The UNet and the conditioning encoder stay frozen.
+  c.controlnet = ml_collections.ConfigDict(dict(kind='', embedding_channels=(16, 32, 96, 256), init_from=''))
   beta_start, beta_end = SCHEDULE_ENDS[schedule]
   c.schedule = ml_collections.ConfigDict(dict(
       kind='scaled_linear', num_timesteps=1000, beta_start=beta_start, beta_end=beta_end))
@@ -251,9 +259,10 @@ def train_schedule(*, log_every, checkpoint_every, eval_every, keep_checkpoints=
 def data(name, resolution, **overrides):
   """The `data` section: a TFDS name (or `folder`, a local image folder that takes precedence). `objects_key` and
   `segmentation_key` name the features that layout and semantic models store with their latents (boxes and
-  labels of at most `max_objects` objects; a class-id map)."""
+  labels of at most `max_objects` objects; a class-id map). `control_folder`: with `folder`, a folder holding a
+  control image for each image under the same relative path (a ControlNet's, `ldm.controlnet.kind='image'`)."""
   c = ml_collections.ConfigDict(dict(
-      name=name, folder='', data_dir='', resolution=resolution, train_split='train',
+      name=name, folder='', control_folder='', data_dir='', resolution=resolution, train_split='train',
       eval_split='validation', image_key='image', caption_key='caption', label_key='label', objects_key='',
       max_objects=0, segmentation_key='', random_flip=False, shuffle_block=10_000, prefetch=2))
   c.update(overrides)
@@ -274,12 +283,14 @@ def sampling(**overrides):
   the chain (the last int(strength x num_steps) steps run; the CompVis script's default 0.75); `mask_images` (a
   folder like it, white = repaint) also keeps the rest: the sampler re-noises the init latent there each step
   and the init latent is pasted there at the end. `loras`: LoRA files (diffusers, PEFT or kohya names) merged
-  into the UNet at `lora_weights` (empty: 1 each) before sampling.
+  into the UNet at `lora_weights` (empty: 1 each) before sampling. A ControlNet model (ldm.controlnet) draws the
+  stored examples of `condition_split` too, each with its control image and caption; `control_scale` multiplies
+  the ControlNet's residuals.
   """
   c = ml_collections.ConfigDict(dict(
       sampler='ddim', num_steps=50, eta=0.0, guidance_scales=(1.0,), seeds=(0, 1, 2, 3), prompts=(),
       prompt_file='', negative_prompts=(), init_images='', strength=0.75, mask_images='', loras=(), lora_weights=(),
-      class_ids=(), condition_split='validation',
-      condition_indices=(0, 1, 2, 3), batch_size=8, latent_size=0))
+      class_ids=(), condition_split='validation', condition_indices=(0, 1, 2, 3), control_scale=1.0, batch_size=8,
+      latent_size=0))
   c.update(overrides)
   return c

@@ -19,6 +19,7 @@ from latent_diffusion.evaluation import features
 from latent_diffusion.evaluation import inception
 from latent_diffusion.losses import lpips as lpips_lib
 from latent_diffusion.models import autoencoder as autoencoder_lib
+from latent_diffusion.models import controlnet as controlnet_lib
 from latent_diffusion.models import discriminator as discriminator_lib
 from latent_diffusion.models import tiling
 from latent_diffusion.training import autoencoder as autoencoder_stage
@@ -88,14 +89,16 @@ def _batched(tree, batch_size, mesh):
 
 
 def _concat_inputs(config, batch_size, mesh, latent_shape):
-  """The stored concat conditions of a training batch."""
+  """The stored conditions of a training batch: concat inputs, a ControlNet's maps or images."""
   concat = config.ldm.conditioning.concat
   h, w, c = latent_shape
   r = config.data.resolution
   shapes = {'low_res': ((h, w, 3), jnp.float32), 'masked_latent': ((h, w, c), jnp.float32),
-            'inpaint_mask': ((h, w, 1), jnp.float32), 'segmentation': ((r, r), jnp.uint8)}
-  return {k: _struct((batch_size,) + shapes[k][0], shapes[k][1], parallel.batch_sharding(mesh))
-          for k in concat_lib.KEYS[concat]}
+            'inpaint_mask': ((h, w, 1), jnp.float32), 'segmentation': ((r, r), jnp.uint8),
+            'control': ((r, r, 3), jnp.uint8)}
+  kind = config.ldm.controlnet.kind
+  keys = concat_lib.KEYS[concat] + ((controlnet_lib.STORED[kind],) if kind else ())  # a ControlNet's input
+  return {k: _struct((batch_size,) + shapes[k][0], shapes[k][1], parallel.batch_sharding(mesh)) for k in keys}
 
 
 def _ldm_parts(config, mesh):
@@ -166,20 +169,24 @@ def _latents(config, mesh):
 def _sample(config, mesh):
   metadata, unet, conditioner, state, _ = _ldm_parts(config, mesh)
   model = autoencoder_lib.create_autoencoder(config.autoencoder.model)
-  concat = config.ldm.conditioning.concat
+  concat, control = config.ldm.conditioning.concat, config.ldm.controlnet.kind
   latent_shape = ldm_stage.sample_latent_shape(config, metadata)
   generator = generate.Generator(
       unet=unet, conditioner=conditioner, schedule=schedules.Schedule.from_config(config.ldm.schedule),
       parameterization=config.ldm.parameterization,
       decoder=lambda params, z: tiling.decode(model, params, z, config.autoencoder.tiling),
       latent_shape=latent_shape, scale_factor=metadata['scale_factor'], sampling_config=config.sampling, mesh=mesh,
-      concat=concat, segmentation_classes=config.ldm.conditioning.segmentation_classes)
+      concat=concat, segmentation_classes=config.ldm.conditioning.segmentation_classes, control=control,
+      controlnet=controlnet_lib.create(unet, config.ldm.controlnet) if control else None)
   b = config.sampling.batch_size
   inputs = _batched(jax.tree.map(jnp.asarray, conditioner.null), b, mesh)
   if concat:
     channels = concat_lib.num_channels(concat, latent_shape[-1], config.ldm.conditioning.segmentation_classes)
     inputs['concat'] = _struct((b,) + tuple(latent_shape[:2]) + (channels,), jnp.float32,
                                parallel.batch_sharding(mesh))
+  if control:
+    side = controlnet_lib.image_size(generator.controlnet, latent_shape[0])
+    inputs['control'] = _struct((b, side, side, 3), jnp.float32, parallel.batch_sharding(mesh))
   seeds = _struct((b,), jnp.int32, parallel.batch_sharding(mesh))
   scale = _struct((), jnp.float32, parallel.replicated(mesh))
   args = (state.eval_params, _first_stage_params(model, mesh), inputs, seeds, scale)

@@ -27,6 +27,7 @@ from latent_diffusion.losses import autoencoder as autoencoder_losses
 from latent_diffusion.models import attention
 from latent_diffusion.models import autoencoder as autoencoder_models
 from latent_diffusion.models import conditioning
+from latent_diffusion.models import controlnet as controlnet_lib
 from latent_diffusion.models import tiling
 from latent_diffusion.models import unet as unet_lib
 from latent_diffusion.training import evaluate
@@ -155,6 +156,31 @@ def _ldm(found, c, latent_size):
     found.append(f'ldm.unet.{field}={heads} does not divide the UNet\'s widths {widths} (ldm.unet.model_channels '
                  'x channel_mult); choose a divisor of them.')
   _conditioning(found, c)
+  _controlnet(found, c)
+
+
+def _controlnet(found, c):
+  """ldm.controlnet: a known kind with its class-id maps or control images in the data, an embedding that downsamples by the first
+  stage's factor, not combined with LoRA, and a ControlNetModel folder to start from if one is named."""
+  cn = c.ldm.controlnet
+  found.choice('ldm.controlnet.kind', cn.kind, controlnet_lib.KINDS)
+  found.file('ldm.controlnet.init_from', cn.init_from, directory=True)
+  if not cn.kind:
+    return
+  if cn.kind == 'image' and not c.data.control_folder:
+    found.append("ldm.controlnet.kind='image' reads each image's control image: set data.control_folder (with "
+                 'data.folder).')
+  elif cn.kind in ('segmentation', 'edges') and not c.data.segmentation_key:
+    found.append(f"ldm.controlnet.kind='{cn.kind}' draws its control images from class-id maps: set "
+                 "data.segmentation_key (e.g. 'segmentation').")
+  factor = autoencoder_models.downsampling_factor(c.autoencoder.model.ch_mult)
+  if 2 ** (len(cn.embedding_channels) - 1) != factor:
+    found.append(f'ldm.controlnet.embedding_channels={tuple(cn.embedding_channels)} downsamples the control image '
+                 f'{2 ** (len(cn.embedding_channels) - 1)}x, but the first stage\'s factor is {factor}; give '
+                 f'{factor.bit_length()} widths (e.g. {(16, 32, 96, 256)[:factor.bit_length()]}).')
+  if c.ldm.lora.rank:
+    found.append('ldm.controlnet and ldm.lora both adapt the frozen UNet; train one at a time (set ldm.lora.rank=0 '
+                 "or ldm.controlnet.kind='').")
 
 
 def _conditioning(found, c):
@@ -213,7 +239,8 @@ def _sampling(found, c):
                  'one per file, or none (1 each).')
   cond = c.ldm.conditioning
   if cond.kind in conditioning.KINDS and cond.concat in concat_lib.KINDS:
-    found.guard(lambda: _scored_prompts(c, generate.requests_from_config(s, cond.kind, cond.concat, init, masks)))
+    found.guard(lambda: _scored_prompts(c, generate.requests_from_config(s, cond.kind, cond.concat, init, masks,
+                                                                        c.ldm.controlnet.kind)))
   if isinstance(c.ldm.schedule.num_timesteps, int) and c.ldm.schedule.num_timesteps > 0:
     found.number('sampling.num_steps', s.num_steps, low=1, high=c.ldm.schedule.num_timesteps, integer=True)
     if s.sampler == 'ddim' and isinstance(s.num_steps, int) and 0 < s.num_steps <= c.ldm.schedule.num_timesteps:
@@ -230,7 +257,7 @@ def _scored_prompts(c, requests):
   the dataset's grammar, checked here rather than after the sampling compute."""
   cond = c.ldm.conditioning
   if (c.data.name.startswith('captioned_shapes') and cond.kind in conditioning.TEXT_KINDS
-      and not generate.conditions_are_stored(cond.kind, cond.concat)):
+      and not generate.conditions_are_stored(cond.kind, cond.concat, c.ldm.controlnet.kind)):
     for prompt in sorted(set(requests.conditions)):
       captioned_shapes.parse_caption(prompt)
 
@@ -306,6 +333,7 @@ def problems(config, mesh=None, stage='all', batches=True):
     except ValueError as e:
       found.append(str(e))
   found.file('data.folder', c.data.folder, directory=True)
+  found.file('data.control_folder', c.data.control_folder, directory=True)
   found.number('data.resolution', c.data.resolution, low=1, integer=True)
   found.choice('latents.dtype', c.latents.dtype, tuple(latent_store.DTYPES))
   for section in ('autoencoder', 'ldm'):

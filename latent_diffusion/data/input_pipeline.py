@@ -78,16 +78,19 @@ def _host_batch_size(global_batch_size):
 
 
 def _finish(source, records, config, *, flip, seed, layouts):
-  """Decodes and preprocesses (index, record) pairs into typed examples; `layouts`: with the objects and the
-  segmentation map (unflipped) when the source has them, else without."""
+  """Decodes and preprocesses (index, record) pairs into typed examples; `layouts`: with the objects, the
+  segmentation map and the control image (unflipped) when the source has them, else without."""
   def process(index, record):
     example = source.decode(record)
     objects, segmentation = example.pop('objects', None), example.pop('segmentation', None)
+    control = example.pop('control', None)
     if layouts and objects is not None:
       example['boxes'], example['object_labels'] = preprocess_objects(objects, tf.shape(example['image']),
                                                                       config.max_objects)
     if layouts and segmentation is not None:
       example['segmentation'] = preprocess_segmentation(segmentation, config.resolution)
+    if layouts and control is not None:  # cropped and resized as its image is, kept as uint8
+      example['control'] = tf.cast(tf.round((preprocess(control, config.resolution) + 1.0) * 127.5), tf.uint8)
     flip_seed = tf.stack([tf.cast(seed, tf.int64) + 1, index]) if flip else None
     example['image'] = preprocess(example['image'], config.resolution, flip_seed=flip_seed)
     if 'label' in example:

@@ -3,7 +3,8 @@
 A source exposes `num_examples` (this host's share), `epoch(seed, epoch)` (a tf.data stream of raw records in
 a deterministic order that depends only on the seed and the epoch) and `decode(record)` (a dict with `image`
 uint8 [H, W, 3]; when the data has them, `caption` and `label`; when configured, `objects` (`bbox`, normalised
-(ymin, xmin, ymax, xmax) [N, 4], and `label` [N]: layouts) and `segmentation` ([H, W, 1] class ids)). Decoding
+(ymin, xmin, ymax, xmax) [N, 4], and `label` [N]: layouts), `segmentation` ([H, W, 1] class ids) and `control`
+(uint8 [H, W, 3], a ControlNet's control image)). Decoding
 after ordering lets a restart skip records cheaply.
 """
 
@@ -109,9 +110,10 @@ class TfdsSource:
 
 
 class FolderSource:
-  """A folder of images (searched recursively), each with an optional caption in a same-name `.txt` file."""
+  """A folder of images (searched recursively), each with an optional caption in a same-name `.txt` file and,
+  with `control_folder`, a control image under the same relative path there."""
 
-  def __init__(self, folder, *, process_index=0, process_count=1):
+  def __init__(self, folder, *, control_folder='', process_index=0, process_count=1):
     if not tf.io.gfile.isdir(folder):
       raise ValueError(f"data.folder='{folder}' is not a directory.")
     paths = sorted(
@@ -127,6 +129,14 @@ class FolderSource:
     self.keys = {'image': 'image', 'caption': 'caption'} if any(captions) else {'image': 'image'}
     self.num_examples = per_host
     self._records = (tf.constant(paths), tf.constant(captions))
+    if control_folder:
+      controls = [os.path.join(control_folder, os.path.relpath(p, folder)) for p in paths]
+      missing = [c for c in controls if not tf.io.gfile.exists(c)]
+      if missing:
+        raise ValueError(f"data.control_folder='{control_folder}' lacks the control images of {len(missing)} "
+                         f'images of data.folder, e.g. {missing[0]}; give one per image, under the same name.')
+      self.keys['control'] = 'control'
+      self._records += (tf.constant(controls),)
     self.image_shape = (None, None, 3)
 
   def epoch(self, seed, epoch):
@@ -137,9 +147,13 @@ class FolderSource:
     return tf.data.Dataset.from_tensor_slices(self._records)
 
   def decode(self, record):
-    path, caption = record
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    return {'image': image, 'caption': caption} if 'caption' in self.keys else {'image': image}
+    read = lambda p: tf.io.decode_image(tf.io.read_file(p), channels=3, expand_animations=False)
+    decoded = {'image': read(record[0])}
+    if 'caption' in self.keys:
+      decoded['caption'] = record[1]
+    if 'control' in self.keys:
+      decoded['control'] = read(record[2])
+    return decoded
 
 
 def _read_caption(image_path):
@@ -149,11 +163,15 @@ def _read_caption(image_path):
 
 def create_source(data_config, split, *, process_index=0, process_count=1):
   """The source named by `data_config`: `data.folder` when set, else the TFDS dataset `data.name`."""
+  if data_config.control_folder and not data_config.folder:
+    raise ValueError(f"data.control_folder='{data_config.control_folder}' pairs control images with the images "
+                     'of data.folder; set data.folder too.')
   if data_config.folder:
     if data_config.objects_key or data_config.segmentation_key:
       raise ValueError(f"data.folder='{data_config.folder}' holds images and captions only; layouts and "
                        'segmentation maps (data.objects_key, data.segmentation_key) need a TFDS dataset.')
-    return FolderSource(data_config.folder, process_index=process_index, process_count=process_count)
+    return FolderSource(data_config.folder, control_folder=data_config.control_folder,
+                        process_index=process_index, process_count=process_count)
   return TfdsSource(
       data_config.name, split, data_dir=data_config.data_dir or None, image_key=data_config.image_key,
       caption_key=data_config.caption_key, label_key=data_config.label_key,

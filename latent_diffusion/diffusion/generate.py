@@ -19,6 +19,7 @@ from latent_diffusion.diffusion import concat as concat_lib
 from latent_diffusion.diffusion import sampling
 from latent_diffusion.evaluation import features
 from latent_diffusion.models import conditioning
+from latent_diffusion.models import controlnet as controlnet_lib
 
 SAMPLERS = {'ddim': sampling.ddim_sample, 'ddpm': sampling.ddpm_sample, 'plms': sampling.plms_sample,
             'dpm_solver_pp': sampling.dpm_solver_pp_sample}
@@ -45,12 +46,13 @@ class Requests:
                     pick(self.init_images), pick(self.masks))
 
 
-def conditions_are_stored(kind, concat):
-  """Whether a model's conditions are stored examples (concat inputs, layouts) rather than prompts or classes."""
-  return bool(concat) or kind == 'layout'
+def conditions_are_stored(kind, concat, control=''):
+  """Whether a model's conditions are stored examples (concat inputs, layouts, control maps) rather than prompts
+  or classes."""
+  return bool(concat) or bool(control) or kind == 'layout'
 
 
-def requests_from_config(sampling_config, kind, concat='', init_images=None, masks=None):
+def requests_from_config(sampling_config, kind, concat='', init_images=None, masks=None, control=''):
   """Every (guidance scale, condition, seed) of the `sampling` section, the images of one condition
   consecutive in the config's order. Prompts come from `prompt_file` (one per line) when it is set; the
   conditions of concat- and layout-conditioned models are example indices of `sampling.condition_split` (a
@@ -58,7 +60,7 @@ def requests_from_config(sampling_config, kind, concat='', init_images=None, mas
   from `read_init_images`) and `masks` (inpainting them, from `read_masks`): one for every condition or one per
   condition."""
   s = sampling_config
-  if conditions_are_stored(kind, concat):
+  if conditions_are_stored(kind, concat, control):
     conditions = [int(i) for i in s.condition_indices]
   elif kind in conditioning.TEXT_KINDS:
     conditions = list(s.prompts)
@@ -130,9 +132,12 @@ class Generator:
   """Samples images for `Requests` with given UNet/conditioner params and first-stage params."""
 
   def __init__(self, *, unet, conditioner, schedule, parameterization, decoder, latent_shape, scale_factor,
-               sampling_config, mesh, concat='', segmentation_classes=0, condition_source=None, encoder=None):
-    """`condition_source`: for concat- and layout-conditioned models, the stored arrays of the examples that
-    conditions index. `encoder(params, images)`: the first stage's latent (its posterior mode), for img2img."""
+               sampling_config, mesh, concat='', segmentation_classes=0, condition_source=None, encoder=None,
+               controlnet=None, control=''):
+    """`condition_source`: for concat-, layout- and ControlNet-conditioned models, the stored arrays of the
+    examples that conditions index. `encoder(params, images)`: the first stage's latent (its posterior mode), for
+    img2img. `controlnet` (params['controlnet']) adds its residuals for the control images of kind `control`
+    (ldm.controlnet.kind) drawn from the stored examples, times sampling.control_scale."""
     s = sampling_config
     if s.sampler not in SAMPLERS:
       raise ValueError(f"Unknown sampling.sampler '{s.sampler}'; choose one of {sorted(SAMPLERS)}.")
@@ -140,6 +145,7 @@ class Generator:
     self.conditioner, self.mesh, self.batch_size = conditioner, mesh, s.batch_size
     self.flops_per_image = None  # analytic FLOPs of one image's sampling and decoding, known after a batch
     self.concat, self.condition_source, self.scale_factor = concat, condition_source, scale_factor
+    self.control, self.controlnet = control, controlnet
     self.condition_options = dict(size=latent_shape[0], segmentation_classes=segmentation_classes)
     sampler = SAMPLERS[s.sampler]
     options = dict(eta=s.eta) if s.sampler == 'ddim' else {}
@@ -147,9 +153,10 @@ class Generator:
     def generate(params, decoder_params, inputs, seeds, guidance_scale):
       inputs = dict(inputs)
       condition, negative = inputs.pop('concat', None), inputs.pop('negative_tokens', None)
-      init, mask = inputs.pop('init', None), inputs.pop('mask', None)
+      init, mask, control = inputs.pop('init', None), inputs.pop('mask', None), inputs.pop('control', None)
       context = conditioner.encode(params['cond'], inputs)
-      model = concat_lib.with_concat(lambda x, t, c: unet.apply({'params': params['unet']}, x, t, c), condition)
+      model = concat_lib.with_concat(
+          controlnet_lib.controlled(unet, controlnet, params, control, s.control_scale), condition)
       eps_fn = sampling.as_eps_fn(model, parameterization, schedule)
       if context is not None:  # unconditional models have nothing to guide
         null = jax.tree.map(jnp.asarray, conditioner.null) if negative is None else {'tokens': negative}
@@ -207,6 +214,8 @@ class Generator:
     if self.concat:
       local['concat'] = np.asarray(concat_lib.condition(stored, self.concat, self.scale_factor,
                                                         **self.condition_options), np.float32)
+    if self.control:
+      local['control'] = np.asarray(controlnet_lib.control_image(stored, self.control))
     local.update(self.conditioner.inputs(stored))
     batch = input_pipeline.to_global(local, self.mesh)
     seeds = batch.pop('seeds')

@@ -78,7 +78,7 @@ def eval_requests(config, workdir, num_samples):
   """`num_samples` fresh requests conditioned like the reference images: the captions or labels of the first
   examples of eval.reference_split (cycled if it is shorter), seeds 0..N-1, one guidance scale."""
   cond = config.ldm.conditioning
-  if generate.conditions_are_stored(cond.kind, cond.concat):
+  if generate.conditions_are_stored(cond.kind, cond.concat, config.ldm.controlnet.kind):
     store, _ = latent_store.load(latent_store.split_dir(workdir, config.sampling.condition_split))
     conditions = list(range(len(next(iter(store.values())))))
   elif cond.kind in conditioning.TEXT_KINDS + ('class',):

@@ -203,38 +203,46 @@ class UNet(nn.Module):
       return block
     return nn.remat(block, static_argnums=(3,), policy=getattr(jax.checkpoint_policies, self.remat_policy))
 
-  @nn.compact
-  def __call__(self, x, t, context=None, y=None, deterministic=True):
-    res_block = self._rematerialised(ResBlock, 'resblock')
-    transformer = self._rematerialised(SpatialTransformer, 'transformer')
-    attention_block = self._rematerialised(AttentionBlock, 'transformer')
-    if context is not None and not self.use_spatial_transformer:
-      raise ValueError('ldm.unet.use_spatial_transformer=False has no cross-attention for the conditioning '
-                       "context; set it to True or ldm.conditioning.kind='none'.")
+  def _block(self, h, channels, name, attend, emb, context, deterministic, resample=None):
+    """A ResBlock, then (where `attend`) a SpatialTransformer or AttentionBlock."""
+    h = self._rematerialised(ResBlock, 'resblock')(channels, self.dropout, self.use_scale_shift_norm, resample,
+                                                   self.dtype, name=name)(h, emb, deterministic)
+    if not attend:
+      return h
+    heads, head_dim = self._heads(channels)
+    if not self.use_spatial_transformer:
+      return self._rematerialised(AttentionBlock, 'transformer')(
+          heads, head_dim, self.use_new_attention_order, self.attention, self.dtype, name=name + '_attention')(
+              h, context, deterministic)
+    return self._rematerialised(SpatialTransformer, 'transformer')(
+        heads, head_dim, self.transformer_depth, self.dropout, self.attention, self.dtype, self.upcast_attention,
+        name=name + '_transformer')(h, context, deterministic)
+
+  def embed(self, t, y):
+    """The time embedding [B, 4 * model_channels], plus the class embedding of labels `y`."""
     emb_dim = 4 * self.model_channels
     emb = layers.dense(emb_dim, ('embed', 'mlp'), name='time_embed_0')(timestep_embedding(t, self.model_channels))
     emb = layers.dense(emb_dim, ('mlp', 'embed'), name='time_embed_1')(nn.silu(emb))
     if self.num_classes:
       emb = emb + nn.Embed(self.num_classes, emb_dim, name='label_emb', embedding_init=nn.with_logical_partitioning(
           nn.initializers.normal(1.0), ('vocab', 'embed')))(y)
+    return emb
 
-    def block(h, channels, name, attend, resample=None):
-      h = res_block(channels, self.dropout, self.use_scale_shift_norm, resample, self.dtype, name=name)(
-          h, emb, deterministic)
-      if attend:
-        heads, head_dim = self._heads(channels)
-        if not self.use_spatial_transformer:
-          return attention_block(heads, head_dim, self.use_new_attention_order, self.attention, self.dtype,
-                                 name=name + '_attention')(h, context, deterministic)
-        h = transformer(heads, head_dim, self.transformer_depth, self.dropout, self.attention, self.dtype,
-                        self.upcast_attention, name=name + '_transformer')(h, context, deterministic)
-      return h
-
+  def encode(self, x, emb, context, deterministic, added=None):
+    """The input blocks and the middle block: (the middle's output, the skips in the order they are made).
+    `added` (a ControlNet's embedded hint) is added to the first conv's output."""
+    if context is not None and not self.use_spatial_transformer:
+      raise ValueError('ldm.unet.use_spatial_transformer=False has no cross-attention for the conditioning '
+                       "context; set it to True or ldm.conditioning.kind='none'.")
+    block = lambda h, channels, name, attend, resample=None: self._block(
+        h, channels, name, attend, emb, context, deterministic, resample)
     if self.segmentation_map:
       classes = layers.conv(self.segmentation_map, 1, padding=0, use_bias=False, name='segmentation_map')(
           x[..., self.out_channels:])
       x = jnp.concatenate([x[..., :self.out_channels], classes], axis=-1)
     h = layers.conv(self.model_channels, name='conv_in', dtype=self.dtype)(x.astype(self.dtype))
+    if added is not None:
+      h = h + added.astype(h.dtype)
     skips, ds = [h], 1
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
@@ -248,14 +256,25 @@ class UNet(nn.Module):
         skips.append(h)
         ds *= 2
     h = block(h, h.shape[-1], 'middle_0', True)
-    h = block(h, h.shape[-1], 'middle_1', False)
+    return block(h, h.shape[-1], 'middle_1', False), skips
+
+  @nn.compact
+  def __call__(self, x, t, context=None, y=None, deterministic=True, controls=None):
+    """`controls`: a ControlNet's residuals, one per skip and one for the middle block's output, added to them."""
+    emb = self.embed(t, y)
+    h, skips = self.encode(x, emb, context, deterministic)
+    if controls is not None:
+      h = h + controls[-1].astype(h.dtype)
+      skips = [s + c.astype(s.dtype) for s, c in zip(skips, controls[:-1])]
+    ds = 2 ** (len(self.channel_mult) - 1)
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = block(h, mult * self.model_channels, f'up_{level}_{i}', ds in self.attention_resolutions)
+        h = self._block(h, mult * self.model_channels, f'up_{level}_{i}', ds in self.attention_resolutions, emb,
+                        context, deterministic)
       if level:
         if self.resblock_updown:
-          h = block(h, h.shape[-1], f'up_{level}_upsample', False, resample='up')
+          h = self._block(h, h.shape[-1], f'up_{level}_upsample', False, emb, context, deterministic, resample='up')
         else:
           h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
           h = layers.conv(h.shape[-1], name=f'up_{level}_upsample', dtype=self.dtype)(h)

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import flax
 import jax
 import jax.numpy as jnp
@@ -221,14 +222,16 @@ def run(config, workdir):
 def load_trained(config, workdir, mesh):
   """The frozen first stage for later stages: (model, params (EMA when kept), checkpoint step), restored
   straight into their shardings without initialising a model first; or the weights of `autoencoder.pretrained`
-  (a diffusers folder or a CompVis checkpoint) converted, with step None."""
+  (a diffusers folder or a CompVis checkpoint converted, or the trained first stage of another workdir of ours,
+  as a ControlNet on our own base reads it), with step None."""
   model = autoencoder_lib.create_autoencoder(config.autoencoder.model)
-  if config.autoencoder.pretrained:
-    params = weights_autoencoder.load(config.autoencoder.pretrained, config.autoencoder.model)
+  pretrained = config.autoencoder.pretrained
+  if pretrained and not epath.Path(checkpoint_dir(pretrained)).is_dir():
+    params = weights_autoencoder.load(pretrained, config.autoencoder.model)
     return model, parallel.put(params, parallel.tree_shardings(weights_autoencoder.abstract_params(model), mesh)), None
   discriminator = discriminator_lib.NLayerDiscriminator(ndf=config.autoencoder.loss.disc_ndf,
                                                         n_layers=config.autoencoder.loss.disc_num_layers)
   image_shape = (config.data.resolution, config.data.resolution, 3)
-  state, step = checkpoint.restore_newest(checkpoint_dir(workdir), make_init(config, model, discriminator,
-                                                                             image_shape), mesh, STAGE)
-  return model, state.generator.eval_params['autoencoder'], step
+  state, step = checkpoint.restore_newest(checkpoint_dir(pretrained or workdir), make_init(
+      config, model, discriminator, image_shape), mesh, STAGE)
+  return model, state.generator.eval_params['autoencoder'], None if pretrained else step

@@ -142,7 +142,7 @@ def _write(workdir, result, ae_result):
   numbers = lambda d: {k: v for k, v in d.items() if isinstance(v, float) and k != 'seconds'}
   writer.write_scalars(int(result['ldm_step'] or 0), {f'eval/{k}': v for k, v in numbers(result).items()})
   if ae_result:
-    writer.write_scalars(int(ae_result['autoencoder_step']),
+    writer.write_scalars(int(ae_result['autoencoder_step'] or 0),  # None: imported weights
                          {f'eval/autoencoder/{k}': v for k, v in numbers(ae_result).items()})
     files.write_atomically(os.path.join(directory, 'autoencoder.json'), json.dumps(ae_result, indent=2))
   writer.flush()

@@ -1,6 +1,6 @@
 """The `latents` stage: encodes every example of the configured splits once with the frozen first stage, with
-its caption, label, layout or segmentation map, and the concat conditions of `ldm.conditioning.concat`
-(low-res image, or masked-image latent and mask)."""
+its caption, label, layout, segmentation map or control image, and the concat conditions of
+`ldm.conditioning.concat` (low-res image, or masked-image latent and mask)."""
 
 import jax
 import numpy as np
@@ -16,7 +16,7 @@ from latent_diffusion.training import checkpoint
 
 
 # What the store keeps of each example besides its latent, when the data has it.
-CONDITIONING_KEYS = ('caption', 'label', 'boxes', 'object_labels', 'segmentation')
+CONDITIONING_KEYS = ('caption', 'label', 'boxes', 'object_labels', 'segmentation', 'control')
 
 
 def is_done(config, workdir):

@@ -2,7 +2,8 @@
 
 Each step samples z from the stored posterior moments, scales it, drops the condition with probability
 `p_uncond`, and takes one AdamW step (optional warm-up and clipping) on the diffusion loss, with EMA params kept.
-With `ldm.lora`, the steps train LoRA adapters of a frozen UNet (and frozen conditioning encoder).
+With `ldm.lora`, the steps train LoRA adapters of a frozen UNet (and frozen conditioning encoder); with
+`ldm.controlnet`, a ControlNet that steers the frozen UNet from each example's stored map or control image.
 Every `eval_every` steps it draws the configured prompts with the EMA params (the `sample` stage's sampler).
 """
 
@@ -25,6 +26,7 @@ from latent_diffusion.diffusion import schedules
 from latent_diffusion.evaluation import evaluator as evaluator_lib
 from latent_diffusion.evaluation import prompt_agreement
 from latent_diffusion.models import conditioning
+from latent_diffusion.models import controlnet as controlnet_lib
 from latent_diffusion.models import lora
 from latent_diffusion.models import tiling
 from latent_diffusion.models import unet as unet_lib
@@ -35,6 +37,7 @@ from latent_diffusion.training import loop
 from latent_diffusion.training import train_state
 from latent_diffusion.weights import clip
 from latent_diffusion.weights import conditioning as weights_conditioning
+from latent_diffusion.weights import controlnet as weights_controlnet
 from latent_diffusion.weights import lora as weights_lora
 from latent_diffusion.weights import unet as weights_unet
 
@@ -140,15 +143,21 @@ def create(config, metadata):
   tx = optimizer(ldm.optimizer, ldm.total_steps)
 
   def init(rng):
-    unet_rng, cond_rng, lora_rng = jax.random.split(rng, 3)
+    unet_rng, cond_rng, adapter_rng = jax.random.split(rng, 3)
     cond_params = conditioner.init(cond_rng)
     context = conditioner.encode(cond_params, jax.tree.map(jnp.asarray, conditioner.null))
     x = jnp.zeros((1,) + shape[:-1] + (shape[-1] + concat_channels,))
-    unet_params = unet.init(unet_rng, x, jnp.zeros((1,), jnp.int32), context)['params']
+    t = jnp.zeros((1,), jnp.int32)
+    unet_params = unet.init(unet_rng, x, t, context)['params']
+    frozen = {'unet': unet_params, 'cond': cond_params}
     if ldm.lora.rank:  # the base frozen, the adapters trained (and their EMA)
-      frozen = {'unet': unet_params, 'cond': cond_params}
-      return train_state.TrainState.create({'lora': lora.init(lora_rng, unet_params, ldm.lora)}, tx, ldm.ema_decay,
+      return train_state.TrainState.create({'lora': lora.init(adapter_rng, unet_params, ldm.lora)}, tx, ldm.ema_decay,
                                            frozen=frozen)
+    if ldm.controlnet.kind:  # the base frozen, the ControlNet (a copy of its encoder) trained
+      controlnet = controlnet_lib.create(unet, ldm.controlnet)
+      control = jnp.zeros((1,) + tuple(controlnet_lib.image_size(controlnet, n) for n in shape[:-1]) + (3,))
+      params = controlnet_lib.copy_base(controlnet.init(adapter_rng, x, t, control, context)['params'], unet_params)
+      return train_state.TrainState.create({'controlnet': params}, tx, ldm.ema_decay, frozen=frozen)
     if conditioner.frozen:
       return train_state.TrainState.create({'unet': unet_params}, tx, ldm.ema_decay, frozen={'cond': cond_params})
     ema_keys = () if ldm.ema_cond or not cond_params else ('unet',)
@@ -166,7 +175,7 @@ def is_ldm_workdir(path):
 def _trained_params(config, workdir, mesh):
   """The params sampling would use (EMA) of the newest ldm checkpoint of another workdir, on the host."""
   base = config.copy_and_resolve_references()
-  base.ldm.lora.rank, base.ldm.init_from = 0, ''
+  base.ldm.lora.rank, base.ldm.controlnet.kind, base.ldm.init_from = 0, '', ''
   metadata = latent_store.read_metadata(latent_store.split_dir(workdir, config.latents.splits[0]))
   _, _, init = create(base, metadata)
   state, step = checkpoint.restore_newest(checkpoint_dir(workdir), init, mesh, STAGE)
@@ -191,16 +200,18 @@ def make_warm_start(config):
   """Imported weights for a fresh `ldm` state: the UNet of `ldm.init_from` (a diffusers folder, a CompVis
   checkpoint or a workdir of ours with a trained ldm; fine-tuning) with, from a CompVis checkpoint or a workdir,
   its trained conditioning encoder (BERTEmbedder, ClassEmbedder), and the frozen CLIP text encoder of
-  `ldm.conditioning.pretrained`; None when neither is configured. With LoRA they are the frozen base."""
+  `ldm.conditioning.pretrained`; None when none is configured. With LoRA or a ControlNet they are the frozen
+  base, and the ControlNet starts as a copy of the imported UNet's encoder or from `ldm.controlnet.init_from`."""
   ldm = config.ldm
-  if not ldm.init_from and ldm.conditioning.kind != 'clip':
+  if not ldm.init_from and ldm.conditioning.kind != 'clip' and not ldm.controlnet.init_from:
     return None
 
   def warm_start(state, shardings):
     params, frozen = dict(state.params), dict(state.frozen or {})
     ema = state.ema_params
-    # LoRA keeps the base in `frozen`: the imported weights go there.
-    base, base_shardings = (frozen, shardings.frozen) if ldm.lora.rank else (params, shardings.params)
+    # LoRA and ControlNet keep the base in `frozen`: the imported weights go there.
+    adapted = ldm.lora.rank or ldm.controlnet.kind
+    base, base_shardings = (frozen, shardings.frozen) if adapted else (params, shardings.params)
     if ldm.init_from:
       unet_params, cond_params = _imported(config, base, jax.tree.leaves(shardings.params)[0].mesh)
       if cond_params is not None:
@@ -217,14 +228,31 @@ def make_warm_start(config):
     # The EMA starts at the imported UNet too, in its own buffers (donation).
     if ema is not None and ldm.init_from and 'unet' in ema:
       ema = {**ema, 'unet': parallel.put(unet_params, shardings.ema_params['unet'])}
+    if ldm.controlnet.kind and (ldm.init_from or ldm.controlnet.init_from):
+      control = _controlnet_start(config, jax.device_get(params['controlnet']),
+                                  unet_params if ldm.init_from else None)
+      params['controlnet'] = parallel.put(control, shardings.params['controlnet'])
+      if ema is not None:
+        ema = {**ema, 'controlnet': parallel.put(control, shardings.ema_params['controlnet'])}
     return state.replace(params=params, ema_params=ema, frozen=frozen or None)
 
   return warm_start
 
 
+def _controlnet_start(config, control_params, unet_params):
+  """The ControlNet's first params: those of `ldm.controlnet.init_from` (a diffusers ControlNetModel), else the
+  imported base UNet's encoder (`unet_params`) with the fresh control embedding and zero convs."""
+  ldm = config.ldm
+  if not ldm.controlnet.init_from:
+    return controlnet_lib.copy_base(control_params, unet_params)
+  logging.info('Initialised the ControlNet from %s.', ldm.controlnet.init_from)
+  return weights_controlnet.load(ldm.controlnet.init_from, control_params, ldm.unet, ldm.controlnet)
+
+
 def make_train_step(config, unet, conditioner, schedule, scale_factor, kind):
   ldm = config.ldm
   null = jax.tree.map(jnp.asarray, conditioner.null)
+  controlnet = controlnet_lib.create(unet, ldm.controlnet) if ldm.controlnet.kind else None
 
   def train_step(state, batch, rng):
     z_rng, drop_rng, loss_rng, dropout_rng = jax.random.split(rng, 4)
@@ -232,12 +260,13 @@ def make_train_step(config, unet, conditioner, schedule, scale_factor, kind):
     inputs = objective.drop_condition(drop_rng, {k: batch[k] for k in null}, null, ldm.p_uncond)
     condition = concat_lib.condition(batch, ldm.conditioning.concat, scale_factor, size=z.shape[1],
                                      segmentation_classes=ldm.conditioning.segmentation_classes)
+    control = controlnet_lib.control_image(batch, ldm.controlnet.kind) if controlnet else None
 
     def loss_fn(params):
       params = model_params(config, state.with_frozen(params))
       context = conditioner.encode(params['cond'], inputs)
-      unet_fn = lambda x, t, c: unet.apply({'params': params['unet']}, x, t, c, deterministic=False,
-                                           rngs={'dropout': dropout_rng})
+      unet_fn = controlnet_lib.controlled(unet, controlnet, params, control, deterministic=False,
+                                          rngs={'dropout': dropout_rng})
       model = concat_lib.with_concat(unet_fn, condition)
       denoise = lambda x_t, t: model(x_t, t, context)
       loss, _ = objective.diffusion_loss(denoise, schedule, z, loss_rng, parameterization=ldm.parameterization,
@@ -274,12 +303,12 @@ def sample_latent_shape(config, metadata):
 
 def make_generator(config, workdir, mesh, unet, conditioner, metadata):
   """The sampler of this stage's models, decoding with the trained first stage: (Generator, its params).
-  Concat- and layout-conditioned models take their conditions from the latent store of
+  Concat-, layout- and ControlNet-conditioned models take their conditions from the latent store of
   `sampling.condition_split`."""
   ae_model, ae_params, _ = autoencoder_stage.load_trained(config, workdir, mesh)
-  concat = config.ldm.conditioning.concat
+  concat, control = config.ldm.conditioning.concat, config.ldm.controlnet.kind
   source = None
-  if generate.conditions_are_stored(config.ldm.conditioning.kind, concat):
+  if generate.conditions_are_stored(config.ldm.conditioning.kind, concat, control):
     source, _ = latent_store.load(latent_store.split_dir(workdir, config.sampling.condition_split))
   generator = generate.Generator(
       unet=unet, conditioner=conditioner, schedule=schedules.Schedule.from_config(config.ldm.schedule),
@@ -289,7 +318,8 @@ def make_generator(config, workdir, mesh, unet, conditioner, metadata):
       sampling_config=config.sampling, mesh=mesh, concat=concat,
       segmentation_classes=config.ldm.conditioning.segmentation_classes, condition_source=source,
       encoder=lambda params, x: latents_stage.encode_mode(ae_model, params, x, config.autoencoder.model.kind,
-                                                          config.autoencoder.tiling))
+                                                          config.autoencoder.tiling),
+      controlnet=controlnet_lib.create(unet, config.ldm.controlnet) if control else None, control=control)
   return generator, ae_params
 
 
@@ -298,7 +328,8 @@ def make_evaluate(config, workdir, generator, ae_params, fid_evaluator=None):
   the built-in dataset; with an `fid_evaluator`, also FID (IS, precision/recall) of eval.training_num_samples
   fresh samples."""
   cond = config.ldm.conditioning
-  requests = generate.requests_from_config(config.sampling, cond.kind, cond.concat)
+  requests = generate.requests_from_config(config.sampling, cond.kind, cond.concat,
+                                           control=config.ldm.controlnet.kind)
   if fid_evaluator is not None:  # the FID conditions are read once, not at every evaluation
     fresh = evaluator_lib.eval_requests(config, workdir, config.eval.training_num_samples)
 
@@ -327,7 +358,7 @@ def sample_scalars(config, requests, images, condition_source=None):
   if cond.kind == 'layout':
     prompts = [captioned_shapes.caption_of_layout(condition_source['boxes'][i], condition_source['object_labels'][i])
                for i in requests.conditions]
-  elif generate.conditions_are_stored(cond.kind, cond.concat):
+  elif generate.conditions_are_stored(cond.kind, cond.concat, config.ldm.controlnet.kind):
     prompts = [condition_source['caption'][i].decode() for i in requests.conditions]
   agreement = prompt_agreement.prompt_agreement(images, prompts)
   return {f'prompt_agreement/{k}': v for k, v in agreement.items() if k != 'objects'}
@@ -378,8 +409,9 @@ def run(config, workdir):
   def batches(start_step):
     for batch in latent_store.LatentBatches(shards, ldm.batch_size, seed=config.seed, start_step=start_step,
                                             window_shards=ldm.shuffle_window_shards):
-      concat = {k: batch[k] for k in concat_lib.KEYS[ldm.conditioning.concat]}
-      yield {'latent': batch['latent'], **concat, **conditioner.inputs(batch)}
+      control = (controlnet_lib.STORED[ldm.controlnet.kind],) if ldm.controlnet.kind else ()
+      stored = concat_lib.KEYS[ldm.conditioning.concat] + control
+      yield {'latent': batch['latent'], **{k: batch[k] for k in stored}, **conditioner.inputs(batch)}
 
   generator, ae_params = make_generator(config, workdir, mesh, unet, conditioner, metadata)
   fid_evaluator = (evaluator_lib.Evaluator(config, workdir, mesh)  # fails now if the Inception weights are missing

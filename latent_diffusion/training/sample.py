@@ -33,7 +33,8 @@ def output_dir(workdir):
 def _saved_request(config, workdir):
   """What `samples.npz` must hold for the current config and newest ldm checkpoint."""
   cond = config.ldm.conditioning
-  requests = generate.requests_from_config(config.sampling, cond.kind, cond.concat)
+  requests = generate.requests_from_config(config.sampling, cond.kind, cond.concat,
+                                           control=config.ldm.controlnet.kind)
   step = checkpoint.latest_saved_step(ldm.checkpoint_dir(workdir))
   saved = {'seeds': requests.seeds, 'guidance_scales': requests.guidance_scales, 'ldm_step': np.array(step)}
   if requests.negative_prompts is not None:
@@ -41,7 +42,7 @@ def _saved_request(config, workdir):
   if config.sampling.init_images:  # img2img
     saved.update(init_images=np.array(config.sampling.init_images), strength=np.array(config.sampling.strength),
                  mask_images=np.array(config.sampling.mask_images))
-  if generate.conditions_are_stored(cond.kind, cond.concat):
+  if generate.conditions_are_stored(cond.kind, cond.concat, config.ldm.controlnet.kind):
     key = 'condition_indices'
   else:
     key = 'prompts' if cond.kind in conditioning.TEXT_KINDS else {'class': 'labels'}.get(cond.kind)
@@ -70,7 +71,8 @@ def run(config, workdir):
       config.autoencoder.model.ch_mult)
   requests = generate.requests_from_config(config.sampling, conditioner.kind, config.ldm.conditioning.concat,
                                            generate.read_init_images(config.sampling, image_size),
-                                           generate.read_masks(config.sampling, image_size))
+                                           generate.read_masks(config.sampling, image_size),
+                                           control=config.ldm.controlnet.kind)
   start = time.time()
   images = generator(params, ae_params, requests)
   seconds = time.time() - start
