@@ -17,14 +17,13 @@ from latent_diffusion import parallel
 IDENTITY_FIELDS = ('seed', 'data', 'autoencoder.name', 'autoencoder.model', 'autoencoder.pretrained',
                    'autoencoder.batch_size', 'latents.dtype', 'latents.scale_factor', 'ldm.unet',
                    'ldm.conditioning', 'ldm.schedule', 'ldm.parameterization', 'ldm.batch_size',
-                   'ldm.shuffle_window_shards', 'ldm.lora', 'ldm.controlnet')
+                   'ldm.shuffle_window_shards')
 # Fields under IDENTITY_FIELDS that may change between restarts (where to find files, how fast to read data).
 MUTABLE_FIELDS = ('data.data_dir', 'data.prefetch', 'ldm.conditioning.vocab_file', 'ldm.conditioning.pretrained',
-                  'ldm.unet.attention', 'ldm.controlnet.init_from',
+                  'ldm.unet.attention',
                   'ldm.unet.upcast_attention', 'ldm.unet.remat', 'ldm.unet.remat_policy', 'ldm.unet.dtype')
 # Identity fields added after workdirs were made, with the value that reproduces those runs.
-ADDED_FIELDS = {'autoencoder.model.norm_groups': 32, 'ldm.lora.targets': ('to_q', 'to_k', 'to_v', 'to_out'),
-                'ldm.controlnet.embedding_channels': (16, 32, 96, 256)}
+ADDED_FIELDS = {'autoencoder.model.norm_groups': 32}
 
 
 def flatten(tree, prefix=''):

@@ -7,6 +7,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file
 from safetensors.numpy import save_file
@@ -213,6 +214,16 @@ def test_the_ldm_stage_trains_a_lora_writes_both_files_and_the_sample_stage_merg
   alphas = [v for k, v in files['lora_kohya.safetensors'].items() if k.endswith('.alpha')]
   assert len(alphas) == len(diffusers_keys) and all(a.shape == () and a == 4 for a in alphas)
   assert any(np.any(v) for k, v in files['pytorch_lora_weights.safetensors'].items() if 'lora_B' in k)  # trained
+  # The checkpoint holds the adapters only (with their two Adam moments and EMA; the step, Adam's count and the
+  # schedule's), not the frozen base.
+  saved = ocp.StandardCheckpointer().restore(workdir / 'ldm' / 'checkpoints' / '3' / 'state')
+  adapters = sum(v.size for v in files['pytorch_lora_weights.safetensors'].values())
+  assert saved.get('frozen') is None and sum(np.size(x) for x in jax.tree.leaves(saved)) == 4 * adapters + 3
+  # A resume imports the frozen base again and carries on.
+  result = scale_out.main(workdir, tfds_dir, '--stage=ldm', '--config.ldm.total_steps=4', '--config.ldm.lora.rank=4',
+                          '--config.ldm.lora.alpha=4', f'--config.ldm.init_from={reference}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'from step 3 to 4' in result.stderr and 'Initialised the UNet from' in result.stderr
 
   sample = ('--stage=sample', '--config.sampling.num_steps=2', '--config.sampling.seeds=(0,)',
             "--config.sampling.prompts=('a large red circle in the center',)", '--config.sampling.batch_size=8')

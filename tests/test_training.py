@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
 from latent_diffusion import parallel
+from latent_diffusion.training import checkpoint
 from latent_diffusion.training import loop
 from latent_diffusion.training import summaries
 from latent_diffusion.training import train_state
@@ -170,3 +172,24 @@ def test_image_grid_places_images_row_major():
   np.testing.assert_array_equal(grid[:2, 3:], 128)
   np.testing.assert_array_equal(grid[2:, :3], 255)
   np.testing.assert_array_equal(grid[2:, 3:], 0)  # empty cell
+
+
+def test_checkpoints_leave_out_the_frozen_params_and_refuse_another_base(tmp_path):
+  """A state's frozen params (an imported base) are not written; the restored state takes the caller's, and a
+  resume on a base of another checksum is refused."""
+  frozen = {'unet': {'kernel': jnp.arange(6.0).reshape(2, 3)}}
+  state = train_state.TrainState.create({'lora': {'down': jnp.ones((3, 2))}}, optax.adam(1e-3), 0.9, frozen=frozen)
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(1, state, {'step': 1})
+  ckpt.wait()
+  saved = ocp.StandardCheckpointer().restore(tmp_path / '1' / 'state')
+  assert saved.get('frozen') is None  # only the trained params, their Adam moments, EMA and step
+  assert sum(np.size(x) for x in jax.tree.leaves(saved)) == 4 * 6 + 2  # params, mu, nu, EMA; two counts
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  restored, step = ckpt.restore_latest_readable(state, shardings)
+  assert step == 1 and restored.frozen is state.frozen
+  other = state.replace(frozen={'unet': {'kernel': jnp.arange(6.0).reshape(2, 3) + 1}})
+  with pytest.raises(ValueError, match=r'trained on another frozen base .*ldm.init_from'):
+    ckpt.restore_latest_readable(other, shardings)
+  assert (tmp_path / '1').is_dir()  # refused, not moved aside as corrupt
+  ckpt.close()

@@ -1,9 +1,15 @@
-"""Checkpoints of a train state plus JSON metadata with orbax: asynchronous, atomic, keeping the newest N."""
+"""Checkpoints of a train state plus JSON metadata with orbax: asynchronous, atomic, keeping the newest N.
+
+A state's `frozen` params (an imported base: the UNet under LoRA or a ControlNet, a CLIP text encoder) are not
+written: they come from where they were imported on every start, and the metadata keeps their checksum so a
+resume on another base is refused."""
 
 from absl import logging
 from etils import epath
 import jax
 import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from latent_diffusion import parallel
@@ -43,16 +49,21 @@ class Checkpointer:
 
   def save(self, step, state, meta):
     """Starts writing in the background; the files appear under their final name only when complete."""
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    if _frozen(state):
+      meta = {**meta, 'frozen_checksum': checksum(state.frozen)}
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_trained(state)),
                                                      meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, step, state, shardings):
-    """Restores the state at `step` into the given shardings (`state` only supplies shapes and dtypes)."""
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    """Restores the state at `step` into the given shardings (`state` only supplies shapes and dtypes, and
+    its frozen params, which checkpoints do not hold)."""
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), _trained(state),
+                          _trained(shardings))
     restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                    meta=ocp.args.JsonRestore()))
     logging.info('Restored checkpoint %s/%d.', self.directory, step)
-    return restored['state'], restored['meta']
+    restored_state = restored['state'].replace(frozen=state.frozen) if _frozen(state) else restored['state']
+    return restored_state, restored['meta']
 
   def restore_latest_readable(self, state, shardings):
     """(state, step) of the newest checkpoint that reads back, or (state, None) when there is none. A checkpoint
@@ -60,8 +71,7 @@ class Checkpointer:
     deleted, and the one before it is used."""
     for step in reversed(self.all_steps()):
       try:
-        restored, _ = self.restore(step, state, shardings)
-        return restored, step
+        restored, meta = self.restore(step, state, shardings)
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
         if _is_structure_mismatch(e):  # intact files of another config: refuse, and leave them in place
           difference = ' '.join(line.strip() for line in str(e).splitlines()[1:4])
@@ -78,6 +88,9 @@ class Checkpointer:
           (epath.Path(self.directory) / str(step)).rename(aside)
         parallel.sync(f'checkpoint.aside.{step}')
         self._manager.reload()
+        continue
+      _check_base(meta, state, f'{self.directory}/{step}')
+      return restored, step
     return state, None
 
   def wait(self):
@@ -87,14 +100,42 @@ class Checkpointer:
     self._manager.close()
 
 
+def _frozen(state):
+  return getattr(state, 'frozen', None) is not None
+
+
+def _trained(state):
+  """What a checkpoint holds: the state without its frozen params."""
+  return state.replace(frozen=None) if _frozen(state) else state
+
+
+def checksum(tree):
+  """A number that tells two sets of frozen params apart: the sum over leaves of their mean and mean square."""
+  leaves = [jax.device_get(jnp.stack([jnp.mean(x), jnp.mean(jnp.square(x))])) for x in jax.tree.leaves(tree)]
+  return float(np.sum(leaves, dtype=np.float64))
+
+
+def _check_base(meta, state, where):
+  """Refuses a resume whose frozen base differs from the one the checkpoint was trained on."""
+  saved = meta.get('frozen_checksum')
+  if saved is None or not _frozen(state):
+    return
+  current = checksum(state.frozen)
+  if not np.isclose(saved, current, rtol=1e-6, atol=0):
+    raise ValueError(f'Checkpoint {where} was trained on another frozen base (checksum {saved:.8g}, this run\'s '
+                     f'{current:.8g}): ldm.init_from or the conditioning encoder changed. Use the base the run '
+                     'was made with, or a new workdir.')
+
+
 def _is_structure_mismatch(error):
   """Whether orbax refused a restore because the checkpoint's tree differs from the target's, not for bad files."""
   return isinstance(error, ValueError) and 'tree structures do not match' in str(error)
 
 
-def restore_newest(directory, init, mesh, stage, step=None):
+def restore_newest(directory, init, mesh, stage, step=None, frozen=None):
   """(state, step) of the newest checkpoint under `directory` (or the one at `step`), restored straight into the
-  shardings of `init(rng)`'s state without running `init`; `stage` names the stage to run when there is none."""
+  shardings of `init(rng)`'s state without running `init`; `stage` names the stage to run when there is none.
+  A state with frozen params gets them from `frozen(abstract state, shardings)` (a state with them filled in)."""
   ckpt = Checkpointer(directory)
   if ckpt.latest_step() is None:
     raise ValueError(f'No {stage} checkpoint in {directory}; run the `{stage}` stage first.')
@@ -102,6 +143,11 @@ def restore_newest(directory, init, mesh, stage, step=None):
     raise ValueError(f'No {stage} checkpoint at step {step} in {directory}; it holds {ckpt.all_steps()}.')
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   target, shardings = nn.meta.unbox(abstract), parallel.tree_shardings(abstract, mesh)
+  if _frozen(target):
+    if frozen is None:
+      raise ValueError(f'The {stage} state has frozen params, which its checkpoints do not hold; restore_newest '
+                       'needs `frozen` to supply them.')
+    target = frozen(target, shardings)
   if step is None:
     state, step = ckpt.restore_latest_readable(target, shardings)
     if step is None:

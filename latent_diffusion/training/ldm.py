@@ -11,6 +11,7 @@ import os
 
 from absl import logging
 from etils import epath
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,7 +179,8 @@ def _trained_params(config, workdir, mesh):
   base.ldm.lora.rank, base.ldm.controlnet.kind, base.ldm.init_from = 0, '', ''
   metadata = latent_store.read_metadata(latent_store.split_dir(workdir, config.latents.splits[0]))
   _, _, init = create(base, metadata)
-  state, step = checkpoint.restore_newest(checkpoint_dir(workdir), init, mesh, STAGE)
+  state, step = checkpoint.restore_newest(checkpoint_dir(workdir), init, mesh, STAGE,
+                                         frozen=frozen_params(base, init))
   logging.info('Read the trained ldm of %s at step %d.', workdir, step)
   return jax.device_get(state.eval_params)
 
@@ -196,52 +198,94 @@ def _imported(config, base, mesh):
   return unet_params, None
 
 
-def make_warm_start(config):
-  """Imported weights for a fresh `ldm` state: the UNet of `ldm.init_from` (a diffusers folder, a CompVis
-  checkpoint or a workdir of ours with a trained ldm; fine-tuning) with, from a CompVis checkpoint or a workdir,
-  its trained conditioning encoder (BERTEmbedder, ClassEmbedder), and the frozen CLIP text encoder of
-  `ldm.conditioning.pretrained`; None when none is configured. With LoRA or a ControlNet they are the frozen
-  base, and the ControlNet starts as a copy of the imported UNet's encoder or from `ldm.controlnet.init_from`."""
+def _adapted(config):
+  """Whether the run trains adapters of a frozen base (LoRA, a ControlNet) rather than the UNet itself."""
+  return bool(config.ldm.lora.rank or config.ldm.controlnet.kind)
+
+
+def _mesh(shardings):
+  return jax.tree.leaves(shardings.params)[0].mesh
+
+
+def make_load_frozen(config):
+  """The frozen params a run imports on every start (its checkpoints do not hold them): the CLIP text encoder of
+  `ldm.conditioning.pretrained` and, under LoRA or a ControlNet, the base of `ldm.init_from` (its UNet and, from
+  a CompVis checkpoint or a workdir of ours, its trained conditioning encoder); None when there are none."""
   ldm = config.ldm
-  if not ldm.init_from and ldm.conditioning.kind != 'clip' and not ldm.controlnet.init_from:
+  imports_base = _adapted(config) and bool(ldm.init_from)
+  if not imports_base and ldm.conditioning.kind != 'clip':
     return None
 
-  def warm_start(state, shardings):
-    params, frozen = dict(state.params), dict(state.frozen or {})
-    ema = state.ema_params
-    # LoRA and ControlNet keep the base in `frozen`: the imported weights go there.
-    adapted = ldm.lora.rank or ldm.controlnet.kind
-    base, base_shardings = (frozen, shardings.frozen) if adapted else (params, shardings.params)
-    if ldm.init_from:
-      unet_params, cond_params = _imported(config, base, jax.tree.leaves(shardings.params)[0].mesh)
-      if cond_params is not None:
-        base['cond'] = parallel.put(cond_params, base_shardings['cond'])
-        if ema is not None and 'cond' in ema:
-          ema = {**ema, 'cond': parallel.put(cond_params, shardings.ema_params['cond'])}
-        logging.info('Initialised the conditioning encoder from %s.', ldm.init_from)
-      base['unet'] = parallel.put(unet_params, base_shardings['unet'])
+  def load_frozen(state, shardings):
+    frozen = dict(state.frozen)
+    if imports_base:
+      unet_params, cond_params = _imported(config, frozen, _mesh(shardings))
+      frozen['unet'] = parallel.put(unet_params, shardings.frozen['unet'])
       logging.info('Initialised the UNet from %s.', ldm.init_from)
+      if cond_params is not None:
+        frozen['cond'] = parallel.put(cond_params, shardings.frozen['cond'])
+        logging.info('Initialised the conditioning encoder from %s.', ldm.init_from)
     if ldm.conditioning.kind == 'clip':
       _, cond_params = clip.load_text_encoder(ldm.conditioning.pretrained)
       frozen['cond'] = parallel.put(cond_params, shardings.frozen['cond'])
       logging.info('Loaded the frozen CLIP text encoder of %s.', ldm.conditioning.pretrained)
-    # The EMA starts at the imported UNet too, in its own buffers (donation).
-    if ema is not None and ldm.init_from and 'unet' in ema:
-      ema = {**ema, 'unet': parallel.put(unet_params, shardings.ema_params['unet'])}
-    if ldm.controlnet.kind and (ldm.init_from or ldm.controlnet.init_from):
-      control = _controlnet_start(config, jax.device_get(params['controlnet']),
-                                  unet_params if ldm.init_from else None)
-      params['controlnet'] = parallel.put(control, shardings.params['controlnet'])
+    return state.replace(frozen=frozen)
+
+  return load_frozen
+
+
+def frozen_params(config, init):
+  """`checkpoint.restore_newest`'s `frozen`: a state's frozen params as its run had them, the random init of
+  the run's seed with what `make_load_frozen` imports over it."""
+  load_frozen = make_load_frozen(config)
+
+  def fill(target, shardings):
+    frozen = jax.jit(lambda rng: nn.meta.unbox(init(rng)).frozen, out_shardings=shardings.frozen)(
+        loop.init_rng(config.seed))
+    state = target.replace(frozen=frozen)
+    return load_frozen(state, shardings) if load_frozen else state
+
+  return fill
+
+
+def make_warm_start(config):
+  """Imported weights for a fresh `ldm` state: fine-tuning's UNet of `ldm.init_from` (a diffusers folder, a
+  CompVis checkpoint or a workdir of ours with a trained ldm) with, from a CompVis checkpoint or a workdir, its
+  trained conditioning encoder (BERTEmbedder, ClassEmbedder), in the params and their EMA; a ControlNet's start,
+  a copy of the frozen base UNet's encoder (imported by `make_load_frozen`) or `ldm.controlnet.init_from`; None
+  when there is nothing to import."""
+  ldm = config.ldm
+  fine_tunes = bool(ldm.init_from) and not _adapted(config)
+  if not fine_tunes and not (ldm.controlnet.kind and (ldm.init_from or ldm.controlnet.init_from)):
+    return None
+
+  def warm_start(state, shardings):
+    params, ema = dict(state.params), state.ema_params
+    if fine_tunes:
+      unet_params, cond_params = _imported(config, params, _mesh(shardings))
+      if cond_params is not None:
+        params['cond'] = parallel.put(cond_params, shardings.params['cond'])
+        if ema is not None and 'cond' in ema:
+          ema = {**ema, 'cond': parallel.put(cond_params, shardings.ema_params['cond'])}
+        logging.info('Initialised the conditioning encoder from %s.', ldm.init_from)
+      params['unet'] = parallel.put(unet_params, shardings.params['unet'])
+      logging.info('Initialised the UNet from %s.', ldm.init_from)
+      if ema is not None and 'unet' in ema:  # the EMA starts at the imported UNet too, in its own buffers
+        ema = {**ema, 'unet': parallel.put(unet_params, shardings.ema_params['unet'])}
+    if ldm.controlnet.kind:
+      start = _controlnet_start(config, params['controlnet'], state.frozen['unet'])
+      copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings.params['controlnet'])
+      params['controlnet'] = copy(start)  # own buffers: the train step donates the whole state
       if ema is not None:
-        ema = {**ema, 'controlnet': parallel.put(control, shardings.ema_params['controlnet'])}
-    return state.replace(params=params, ema_params=ema, frozen=frozen or None)
+        ema = {**ema, 'controlnet': copy(start)}
+    return state.replace(params=params, ema_params=ema)
 
   return warm_start
 
 
 def _controlnet_start(config, control_params, unet_params):
   """The ControlNet's first params: those of `ldm.controlnet.init_from` (a diffusers ControlNetModel), else the
-  imported base UNet's encoder (`unet_params`) with the fresh control embedding and zero convs."""
+  base UNet's encoder (`unet_params`) with the fresh control embedding and zero convs."""
   ldm = config.ldm
   if not ldm.controlnet.init_from:
     return controlnet_lib.copy_base(control_params, unet_params)
@@ -372,7 +416,8 @@ def load_trained(config, workdir, mesh, metadata, step=None):
   """The trained stage 2 for sampling: (unet, conditioner, EMA params (raw params, with a warning, when no EMA
   is kept), step), from the newest checkpoint or the one at `step`, restored straight into their shardings."""
   unet, conditioner, init = create(config, metadata)
-  state, step = checkpoint.restore_newest(checkpoint_dir(workdir), init, mesh, STAGE, step)
+  state, step = checkpoint.restore_newest(checkpoint_dir(workdir), init, mesh, STAGE, step,
+                                         frozen=frozen_params(config, init))
   if state.ema_params is None:
     logging.warning('The ldm checkpoint at step %d keeps no EMA params (ldm.ema_decay=0); sampling with the raw '
                     'params.', step)
@@ -419,7 +464,7 @@ def run(config, workdir):
   task = loop.Task(init=init, batches=batches, train_step=make_train_step(
       config, unet, conditioner, schedule, metadata['scale_factor'], metadata['kind']),
                    evaluate=make_evaluate(config, workdir, generator, ae_params, fid_evaluator),
-                   warm_start=make_warm_start(config))
+                   warm_start=make_warm_start(config), load_frozen=make_load_frozen(config))
   state = loop.train(task, workdir=os.path.join(workdir, STAGE), mesh=mesh, seed=config.seed,
                      total_steps=ldm.total_steps, **ldm.train_schedule.to_dict())
   if ldm.lora.rank:

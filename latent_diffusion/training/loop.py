@@ -35,12 +35,15 @@ class Task:
   evaluate: optional (state, step) -> ({name: scalar}, {name: [N, H, W, C] images in [-1, 1]}).
   warm_start: optional (state, shardings) -> state, applied to a fresh state (no checkpoint yet): imported
     weights replace the random init.
+  load_frozen: optional (state, shardings) -> state with its frozen params imported (checkpoints do not hold
+    them), applied on every start, before a resume.
   """
   init: Callable[[jax.Array], Any]
   train_step: Callable[[Any, Any, jax.Array], Any]
   batches: Callable[[int], Iterator[dict]]
   evaluate: Optional[Callable[[Any, int], tuple]] = None
   warm_start: Optional[Callable[[Any, Any], Any]] = None
+  load_frozen: Optional[Callable[[Any, Any], Any]] = None
 
 
 class Preempted(Exception):
@@ -79,6 +82,11 @@ def _skip_nonfinite(train_step):
   return step
 
 
+def init_rng(seed):
+  """The rng `train` initialises a stage's state with (a restore that needs the random init re-creates it)."""
+  return jax.random.split(jax.random.PRNGKey(seed))[0]
+
+
 def train(task, *, workdir, mesh, seed, total_steps, log_every=50, checkpoint_every=1000, eval_every=0,
           keep_checkpoints=3, on_nonfinite='stop'):
   """Trains `task` until `total_steps`, resuming from the newest readable checkpoint in `workdir/checkpoints`.
@@ -89,8 +97,10 @@ def train(task, *, workdir, mesh, seed, total_steps, log_every=50, checkpoint_ev
   (`'skip'`). Returns the final state.
   """
   writer = summaries.create_writer(workdir)
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
-  state, shardings = parallel.create_sharded(task.init, mesh, init_rng)
+  train_rng = jax.random.split(jax.random.PRNGKey(seed))[1]
+  state, shardings = parallel.create_sharded(task.init, mesh, init_rng(seed))
+  if task.load_frozen:
+    state = task.load_frozen(state, shardings)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=keep_checkpoints)
   state, start_step = ckpt.restore_latest_readable(state, shardings)
   if start_step is None:  # a fresh run
