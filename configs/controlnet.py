@@ -12,31 +12,13 @@ Arguments after the colon: `smoke`, `base=WORKDIR` (a workdir of ours with train
 stage's). The stored validation examples, with their captions and maps, are what `sample` and `eval` draw.
 """
 
-import importlib.util
-import os
-
 from latent_diffusion import config_lib
 from latent_diffusion.models import autoencoder
 
 
-def _sibling(name):
-  """configs/<name>.py, the base model's config."""
-  spec = importlib.util.spec_from_file_location(f'_{name}_config', os.path.join(os.path.dirname(__file__),
-                                                                                f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, smoke=False, ae='', base='', folder='', kind='segmentation')
-  if arg.folder:
-    c = _sibling('sd_finetune').get_config(f'folder={arg.folder}' + (',smoke' if arg.smoke else ''))
-  else:
-    c = _sibling('txt2img').get_config(','.join(filter(None, ('smoke' if arg.smoke else '',
-                                                               f'ae={arg.ae}' if arg.ae else ''))))
-    c.autoencoder.pretrained = arg.base  # the base's first stage, the base's UNet and text encoder
-    c.ldm.init_from = arg.base
+  c = config_lib.frozen_base(arg)
   c.data.segmentation_key = 'segmentation'
   factor = autoencoder.downsampling_factor(c.autoencoder.model.ch_mult)
   c.ldm.controlnet.update(kind=arg.kind, embedding_channels=(16, 32, 96, 256)[:factor.bit_length()])

@@ -4,6 +4,9 @@ Config files compose these so that a number from the paper is written once. Argu
 comma-separated words (`smoke`) or `key=value` pairs (`ae=vq-f4`): `configs/txt2img.py:smoke,ae=kl-f4`.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 from latent_diffusion.data import captioned_shapes
@@ -52,6 +55,28 @@ def parse_arg(arg, **defaults):
     else:
       parsed[key] = type(default)(value)
   return parsed
+
+
+def _config_file(name):
+  """configs/<name>.py of this checkout, loaded as a module (the configs are files, not a package)."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'_{name}_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def frozen_base(arg):
+  """The config of a text-to-image base that adapters (LoRA, ControlNet) train on, from config arguments
+  `smoke`, `ae`, `base` (a workdir of ours: its first stage, EMA UNet and text encoder) or `folder` (a Stable
+  Diffusion folder: configs/sd_finetune.py's)."""
+  if arg.folder:
+    return _config_file('sd_finetune').get_config(f'folder={arg.folder}' + (',smoke' if arg.smoke else ''))
+  c = _config_file('txt2img').get_config(','.join(filter(None, ('smoke' if arg.smoke else '',
+                                                                 f'ae={arg.ae}' if arg.ae else ''))))
+  c.autoencoder.pretrained = arg.base
+  c.ldm.init_from = arg.base
+  return c
 
 
 def autoencoder(name, *, smoke=False):
@@ -168,11 +193,12 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
   c.conditioning.update(conditioning)
   c.init_from = ''  # UNet weights to start from (fine-tuning): a diffusers folder or a CompVis LDM checkpoint
   # LoRA fine-tuning (an addition; rank 0: off): rank-`rank` adapters on the UNet layers named in `targets`
-  # (and, with `conv`, the ResBlocks' 3x3 convs: LoCon), scaled by alpha / rank (alpha 0: the rank). The UNet and
-  # the conditioning encoder stay frozen; the optimizer and EMA hold the adapters only. The stage writes them
-  # to WORKDIR/ldm/lora/ in the diffusers and kohya formats.
+  # (and, with `conv`, the ResBlocks' 3x3 convs: LoCon) and on the text encoder's layers named in `text_targets`
+  # (CLIP's names: q_proj, k_proj, v_proj, out_proj, fc1, fc2; () : none), scaled by alpha / rank (alpha 0: the
+  # rank). The UNet and the conditioning encoder stay frozen; the optimizer and EMA hold the adapters only. The
+  # stage writes them to WORKDIR/ldm/lora/ in the diffusers and kohya formats.
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=('to_q', 'to_k', 'to_v', 'to_out'),
-                                          conv=False))
+                                          conv=False, text_targets=()))
   # ControlNet (an addition; kind '': off): a trainable copy of the UNet's input and middle blocks reads a control
   # image drawn from each example's stored class-id map (data.segmentation_key): 'segmentation' (the classes in
   # the VOC palette) or 'edges' (their outlines); or 'image', the example's own control image

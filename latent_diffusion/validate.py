@@ -28,6 +28,7 @@ from latent_diffusion.models import attention
 from latent_diffusion.models import autoencoder as autoencoder_models
 from latent_diffusion.models import conditioning
 from latent_diffusion.models import controlnet as controlnet_lib
+from latent_diffusion.models import lora
 from latent_diffusion.models import tiling
 from latent_diffusion.models import unet as unet_lib
 from latent_diffusion.training import evaluate
@@ -144,6 +145,7 @@ def _ldm(found, c, latent_size):
   found.file('ldm.init_from', c.ldm.init_from)
   found.number('ldm.lora.rank', c.ldm.lora.rank, low=0, integer=True)
   found.number('ldm.lora.alpha', c.ldm.lora.alpha, low=0)
+  _lora_text_targets(found, c)
   down = 2 ** (len(u.channel_mult) - 1)
   found.divides('the latent size (data.resolution / the first stage factor)', latent_size, down,
                 f'the UNet downsamples {len(u.channel_mult) - 1} times; change data.resolution or '
@@ -245,6 +247,26 @@ def _sampling(found, c):
     found.number('sampling.num_steps', s.num_steps, low=1, high=c.ldm.schedule.num_timesteps, integer=True)
     if s.sampler == 'ddim' and isinstance(s.num_steps, int) and 0 < s.num_steps <= c.ldm.schedule.num_timesteps:
       found.guard(lambda: sampling.ddim_timesteps(c.ldm.schedule.num_timesteps, s.num_steps))
+
+
+def _lora_text_targets(found, c):
+  """ldm.lora.text_targets: CLIP's module names, q/k/v together (our text encoder fuses them), a transformer."""
+  targets, kind = tuple(c.ldm.lora.text_targets), c.ldm.conditioning.kind
+  if not targets:
+    return
+  unknown = [t for t in targets if t not in lora.TEXT]
+  qkv = {t for t in targets if lora.TEXT.get(t, ('',))[0] == 'qkv'}
+  if unknown:
+    found.append(f'ldm.lora.text_targets has {unknown}; name layers of the text encoder as CLIP does: '
+                 f'{tuple(lora.TEXT)}.')
+  elif qkv and len(qkv) != 3:
+    found.append(f'ldm.lora.text_targets has {sorted(qkv)} alone; our text encoder fuses q, k and v into one '
+                 "kernel, so adapt all three ('q_proj', 'k_proj', 'v_proj') or none.")
+  elif kind not in conditioning.TEXT_KINDS + ('layout',) or (kind != 'clip' and not c.ldm.conditioning.depth):
+    found.append(f"ldm.lora.text_targets needs a text encoder, but ldm.conditioning.kind='{kind}' (depth "
+                 f'{c.ldm.conditioning.depth}) has no transformer layers; set ldm.lora.text_targets=().')
+  elif not c.ldm.lora.rank:
+    found.append('ldm.lora.text_targets is set but ldm.lora.rank=0 (LoRA off); give a rank.')
 
 
 def _lora_targets(c):

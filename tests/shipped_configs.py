@@ -7,7 +7,7 @@ DIRECTORY = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 # Every reference-model config: the file and its argument (the smoke variants are `:smoke` of each).
 NAMES = ('txt2img', 'class_cond', 'class_cond:f8', 'uncond', 'lsun_churches', 'super_res', 'inpainting',
          'layout2img', 'semantic')
-VARIANTS = ('inpainting:text', 'controlnet')  # ours, beside the reference models
+VARIANTS = ('inpainting:text', 'controlnet', 'lora')  # ours, beside the reference models
 
 
 def load(spec, extra=''):

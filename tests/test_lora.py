@@ -12,10 +12,12 @@ import pytest
 from safetensors.numpy import load_file
 from safetensors.numpy import save_file
 
+from configs import sd_finetune
 from configs import txt2img
 from latent_diffusion.diffusion import schedules
 from latent_diffusion.models import lora
 from latent_diffusion.training import ldm
+from latent_diffusion.weights import clip
 from latent_diffusion.weights import lora as weights_lora
 from latent_diffusion.weights import unet as weights_unet
 import test_scale_out as scale_out
@@ -35,15 +37,22 @@ def lora_config(**lora_fields):
   return config
 
 
+TEXT_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'out_proj')
+
+
 def unbox(tree):
   return jax.tree.map(lambda x: x.unbox() if hasattr(x, 'unbox') else x, tree, is_leaf=lambda x: hasattr(x, 'unbox'))
 
 
 def test_the_ldm_step_trains_the_adapters_only_and_starts_at_the_base_model():
-  config = lora_config()
+  config = lora_config(text_targets=TEXT_TARGETS)  # the UNet's and the text encoder's
   unet, conditioner, init = ldm.create(config, METADATA)
   state = unbox(jax.jit(init)(jax.random.PRNGKey(0)))
-  assert set(state.params) == set(state.ema_params) == {'lora'} and set(state.frozen) == {'unet', 'cond'}
+  assert set(state.params) == set(state.ema_params) == {'lora', 'lora_cond'} and set(state.frozen) == {'unet', 'cond'}
+  # The text encoder (one layer, width 32): its fused q/k/v kernel gets one adapter per projection, and out one.
+  text = lora.adapter_paths(state.params['lora_cond'])
+  assert sorted(text) == [('layer_0_out',), ('layer_0_qkv',)]
+  assert text[('layer_0_qkv',)]['down'].shape == (3, 32, 4) and text[('layer_0_qkv',)]['up'].shape == (3, 4, 32)
   adapted = sorted('/'.join(path) for path in lora.adapter_paths(state.params['lora']))
   assert adapted and all(path.split('/')[-1] in ('to_q', 'to_k', 'to_v', 'to_out') for path in adapted)
   # One res block a level: the transformers of down_0, middle and up_0 (2), each attn1 and attn2 x 4 projections.
@@ -52,7 +61,7 @@ def test_the_ldm_step_trains_the_adapters_only_and_starts_at_the_base_model():
   assert q['down'].shape == (32, 4) and not np.any(q['up'])
   # up = 0: the merged UNet is the base UNet exactly.
   merged = ldm.model_params(config, state.with_frozen(state.params))
-  for a, b in zip(jax.tree.leaves(merged['unet']), jax.tree.leaves(state.frozen['unet'])):
+  for a, b in zip(jax.tree.leaves({k: merged[k] for k in state.frozen}), jax.tree.leaves(state.frozen)):
     np.testing.assert_array_equal(a, b)
   # The optimizer holds the adapters only: a few thousand numbers against the UNet's hundreds of thousands.
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
@@ -85,6 +94,12 @@ def test_the_ldm_step_trains_the_adapters_only_and_starts_at_the_base_model():
   flat = lambda tree: flax.traverse_util.flatten_dict(tree)
   np.testing.assert_allclose(flat(merged['unet'])[path] - flat(state.frozen['unet'])[path],
                              2.0 * q['down'] @ q['up'], atol=1e-6)  # scale alpha / rank = 2
+  # The text encoder's adapters train too; the fused kernel moves by each projection's down @ up in its third.
+  qkv = state.params['lora_cond']['layer_0_qkv']
+  assert 0 < np.abs(qkv['up']).max() < 0.01
+  moved = merged['cond']['layer_0_qkv']['kernel'] - state.frozen['cond']['layer_0_qkv']['kernel']
+  for i in range(3):
+    np.testing.assert_allclose(moved[:, 32 * i:32 * (i + 1)], 2.0 * qkv['down'][i] @ qkv['up'][i], atol=1e-6)
 
 
 def abstract_state(config):
@@ -139,13 +154,14 @@ def test_diffusers_peft_older_and_kohya_files_import_exactly_and_our_exports_loa
   expected = _run_torch(reference, inputs)
   model, base, _ = weights_unet.load_diffusers(tmp_path)  # the UNet saved before the adapter
   assert np.abs(_run_ours(model, base, inputs) - expected).max() > 0.05  # the adapters matter
-  merged = weights_lora.merge_files(base, [peft_file], [1.0], model)
+  merged, _ = weights_lora.merge_files(base, [peft_file], [1.0], model)
   np.testing.assert_allclose(_run_ours(model, merged, inputs), expected, atol=test_weights.ATOL)
 
   # The same adapters under the older diffusers names (no alphas: the scale 2 folded into up) and kohya's.
   state = load_file(str(peft_file))
   modules = sorted({k[len('unet.'):-len('.lora_A.weight')] for k in state if k.endswith('.lora_A.weight')})
   index, _ = weights_lora.module_index(base, model)
+  index = {name: path for name, (path, _) in index.items()}
   old, processor, kohya, kohya_compvis = {}, {}, {}, {}
   for m in modules:
     down, up = state[f'unet.{m}.lora_A.weight'], state[f'unet.{m}.lora_B.weight']
@@ -163,14 +179,16 @@ def test_diffusers_peft_older_and_kohya_files_import_exactly_and_our_exports_loa
   assert any('input_blocks' in k for k in kohya_compvis)
   for name, tensors in (('old', old), ('processor', processor), ('kohya', kohya), ('kohya_compvis', kohya_compvis)):
     save_file(tensors, str(tmp_path / f'{name}.safetensors'))
-    got = _run_ours(model, weights_lora.merge_files(base, [tmp_path / f'{name}.safetensors'], [1.0], model), inputs)
+    got = _run_ours(model, weights_lora.merge_files(base, [tmp_path / f'{name}.safetensors'], [1.0], model)[0],
+                    inputs)
     np.testing.assert_allclose(got, expected, atol=test_weights.ATOL, err_msg=name)
   # Two files at weights 0.5 each add up to the one at weight 1 (the deltas are linear).
-  half = weights_lora.merge_files(base, [peft_file, tmp_path / 'kohya.safetensors'], [0.5, 0.5], model)
+  half, _ = weights_lora.merge_files(base, [peft_file, tmp_path / 'kohya.safetensors'], [0.5, 0.5], model)
   np.testing.assert_allclose(_run_ours(model, half, inputs), expected, atol=test_weights.ATOL)
 
   # Our export, both formats, loads into a fresh diffusers UNet with the same output.
-  adapters = weights_lora.read(peft_file, base, model)
+  adapters, text_adapters = weights_lora.read(peft_file, base, model)
+  assert not text_adapters
   diffusers = torch_reference.import_diffusers()
   for fmt in weights_lora.FORMATS:
     out = tmp_path / f'export_{fmt}'
@@ -181,13 +199,123 @@ def test_diffusers_peft_older_and_kohya_files_import_exactly_and_our_exports_loa
     np.testing.assert_allclose(_run_torch(fresh, inputs), expected, atol=test_weights.ATOL, err_msg=fmt)
 
 
+def _clip_reference(tmp_path):
+  """A tiny CLIP text encoder saved without LoRA, then given a random PEFT adapter (rank 4, alpha 8) on q_proj,
+  v_proj, out_proj and fc1 (k_proj left out: a fused kernel adapted in part) and saved by diffusers'
+  save_lora_weights: (the encoder, the LoRA file, token ids)."""
+  torch = torch_reference.import_torch()
+  diffusers = torch_reference.import_diffusers()
+  import peft  # pylint: disable=g-import-not-at-top
+  reference, _ = test_weights.save_tiny_clip(tmp_path, 'sd1')
+  reference.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'out_proj', 'fc1'],
+                                        init_lora_weights=False))
+  with torch.no_grad():
+    for name, p in reference.named_parameters():
+      if 'lora_B' in name:
+        p.normal_(0, 0.1)
+  diffusers.StableDiffusionPipeline.save_lora_weights(
+      str(tmp_path / 'peft'), text_encoder_lora_layers=peft.get_peft_model_state_dict(reference),
+      text_encoder_lora_adapter_metadata=reference.peft_config['default'].to_dict())
+  ids = np.random.default_rng(0).integers(0, reference.config.vocab_size, size=(2, 16))
+  return reference, tmp_path / 'peft' / 'pytorch_lora_weights.safetensors', ids
+
+
+def _run_clip(model, ids):
+  torch = torch_reference.import_torch()
+  with torch.no_grad():
+    return model(torch.from_numpy(ids).long()).last_hidden_state.numpy()
+
+
+def test_text_encoder_adapters_import_from_diffusers_older_and_kohya_names_and_export_back(tmp_path):
+  """A CLIP text encoder's LoRA (`text_encoder.*`, `lora_te_*`) merges into our CLIP TextTransformer exactly, and
+  our export loads into a fresh CLIPTextModel through diffusers with the same output."""
+  reference, peft_file, ids = _clip_reference(tmp_path)
+  expected = _run_clip(reference, ids)
+  model, base = clip.load_text_encoder(tmp_path)  # the encoder saved before the adapter
+  run = lambda params: np.asarray(model.apply({'params': params}, jnp.asarray(ids, jnp.int32)))
+  assert np.abs(run(base) - expected).max() > 0.05  # the adapters matter
+  config = lora_config()
+  unet_params = abstract_state(config).frozen['unet']
+  read = lambda path: weights_lora.read(path, unet_params, config.ldm.unet, base)
+  unet_adapters, adapters = read(peft_file)
+  assert not unet_adapters and sorted(lora.adapter_paths(adapters)) == [
+      (f'layer_{i}_{part}',) for i in range(3) for part in ('ff1', 'out', 'qkv')]
+  assert not np.any(adapters['layer_0_qkv']['up'][1])  # k_proj: no adapter in the file, zeros here
+  np.testing.assert_allclose(run(lora.merge(base, adapters, 1.0)), expected, atol=test_weights.ATOL)
+
+  # The same adapters under diffusers' older names (the scale 2 folded into up) and kohya's (with alphas).
+  state = load_file(str(peft_file))
+  modules = sorted({k[len('text_encoder.'):-len('.lora_A.weight')] for k in state if k.endswith('.lora_A.weight')})
+  assert all(m.startswith('encoder.layers.') for m in modules)  # transformers 5 names: no text_model.
+  linear_layer, processor, kohya = {}, {}, {}
+  for module in modules:
+    down, up = state[f'text_encoder.{module}.lora_A.weight'], state[f'text_encoder.{module}.lora_B.weight']
+    m = f'text_model.{module}'  # as files written with transformers 4 (every published one) name them
+    linear_layer.update({f'text_encoder.{m}.lora_linear_layer.down.weight': down,
+                         f'text_encoder.{m}.lora_linear_layer.up.weight': 2 * up})
+    attn = m.replace('self_attn.q_proj', 'self_attn.to_q').replace('self_attn.v_proj', 'self_attn.to_v').replace(
+        'self_attn.out_proj', 'self_attn.to_out')
+    suffix = '_lora' if 'self_attn' in m else '.lora'
+    processor.update({f'text_encoder.{attn}{suffix}.down.weight': down, f'text_encoder.{attn}{suffix}.up.weight': 2 * up})
+    stem = 'lora_te_' + m.replace('.', '_')
+    kohya.update({f'{stem}.lora_down.weight': down, f'{stem}.lora_up.weight': up,
+                  f'{stem}.alpha': np.array(8.0, np.float32)})
+  for name, tensors in (('linear_layer', linear_layer), ('processor', processor), ('kohya', kohya)):
+    save_file(tensors, str(tmp_path / f'{name}.safetensors'))
+    np.testing.assert_allclose(run(lora.merge(base, read(tmp_path / f'{name}.safetensors')[1], 1.0)), expected,
+                               atol=test_weights.ATOL, err_msg=name)
+
+  # Our export, both formats, loads into a fresh CLIPTextModel through diffusers with the same output.
+  diffusers = torch_reference.import_diffusers()
+  import transformers  # pylint: disable=g-import-not-at-top
+  for fmt in weights_lora.FORMATS:
+    out = tmp_path / f'export_{fmt}'
+    weights_lora.write(out / 'pytorch_lora_weights.safetensors', {}, 1.0, config.ldm.unet, fmt, adapters)
+    fresh = transformers.CLIPTextModel.from_pretrained(str(tmp_path / 'text_encoder')).eval()
+    state_dict, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(out))
+    diffusers.StableDiffusionPipeline.load_lora_into_text_encoder(state_dict, network_alphas=alphas,
+                                                                   text_encoder=fresh, prefix='text_encoder')
+    np.testing.assert_allclose(_run_clip(fresh, ids), expected, atol=test_weights.ATOL, err_msg=fmt)
+
+
+def test_a_stable_diffusion_lora_exports_its_clip_adapters_and_reads_them_back(tmp_path):
+  """With a CLIP text encoder (an SD folder) the stage's export holds the UNet's and the text encoder's adapters
+  under diffusers' and kohya's names, and they read back as the trained ones with their scale folded in."""
+  test_weights.save_tiny_stable_diffusion(tmp_path / 'sd')
+  config = sd_finetune.get_config(f'folder={tmp_path / "sd"},smoke')
+  config.ldm.lora.update(rank=4, alpha=2.0, text_targets=TEXT_TARGETS + ('fc1', 'fc2'))
+  _, _, init = ldm.create(config, {'shape': [4, 4, 8], 'kind': 'kl', 'scale_factor': 0.3})
+  state = unbox(jax.jit(init)(jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(0)  # trained adapters: up no longer zero
+  state = state.replace(ema_params=jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                                                state.ema_params))
+  ldm.export_lora(config, str(tmp_path / 'workdir'), state)
+  for name in ('pytorch_lora_weights.safetensors', 'lora_kohya.safetensors'):
+    path = tmp_path / 'workdir' / 'ldm' / 'lora' / name
+    keys = load_file(str(path))
+    text_keys = [k for k in keys if k.startswith(('text_encoder.', 'lora_te_'))]
+    # 3 layers x (q, k, v, out, fc1, fc2) x (down, up), and kohya's alphas.
+    assert len(text_keys) == 3 * 6 * (2 if 'pytorch' in name else 3), name
+    unet_adapters, text_adapters = weights_lora.read(path, state.frozen['unet'], config.ldm.unet, state.frozen['cond'])
+    for ours, trained in ((unet_adapters, state.ema_params['lora']), (text_adapters, state.ema_params['lora_cond'])):
+      got, want = lora.adapter_paths(ours), lora.adapter_paths(trained)
+      assert sorted(got) == sorted(want)
+      for module, adapter in want.items():
+        np.testing.assert_allclose(got[module]['down'], adapter['down'], atol=1e-6)
+        np.testing.assert_allclose(got[module]['up'], 0.5 * adapter['up'], atol=1e-6)  # alpha / rank
+
+
 def test_a_file_for_another_model_is_refused_by_name(tmp_path):
   config = lora_config()
   state = abstract_state(config)
   save_file({'lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight': np.zeros((4, 32), np.float32)},
             str(tmp_path / 'te.safetensors'))
-  with pytest.raises(ValueError, match='1 tensors are not adapters of this UNet'):
-    weights_lora.read(tmp_path / 'te.safetensors', state.frozen['unet'], config.ldm.unet)
+  with pytest.raises(ValueError, match="1 tensors are not adapters of this model.*kind='clip'"):
+    weights_lora.read(tmp_path / 'te.safetensors', state.frozen['unet'], config.ldm.unet)  # no CLIP given
+  save_file({'lora_te_text_model_encoder_layers_5_self_attn_q_proj.lora_down.weight': np.zeros((4, 32), np.float32)},
+            str(tmp_path / 'te5.safetensors'))
+  with pytest.raises(ValueError, match='1 tensors are not adapters of this model'):  # the encoder has 1 layer
+    weights_lora.read(tmp_path / 'te5.safetensors', state.frozen['unet'], config.ldm.unet, state.frozen['cond'])
   name = weights_unet.diffusers_key(sorted(lora.adapter_paths(state.params['lora']))[0] + ('kernel',), 1)
   save_file({f'unet.{name}.lora_A.weight': np.zeros((4, 7), np.float32),
              f'unet.{name}.lora_B.weight': np.zeros((64, 4), np.float32)}, str(tmp_path / 'wrong.safetensors'))

@@ -152,8 +152,10 @@ def create(config, metadata):
     unet_params = unet.init(unet_rng, x, t, context)['params']
     frozen = {'unet': unet_params, 'cond': cond_params}
     if ldm.lora.rank:  # the base frozen, the adapters trained (and their EMA)
-      return train_state.TrainState.create({'lora': lora.init(adapter_rng, unet_params, ldm.lora)}, tx, ldm.ema_decay,
-                                           frozen=frozen)
+      params = {'lora': lora.init(adapter_rng, unet_params, ldm.lora)}
+      if ldm.lora.text_targets:
+        params['lora_cond'] = lora.init_text(jax.random.fold_in(adapter_rng, 1), cond_params, ldm.lora)
+      return train_state.TrainState.create(params, tx, ldm.ema_decay, frozen=frozen)
     if ldm.controlnet.kind:  # the base frozen, the ControlNet (a copy of its encoder) trained
       controlnet = controlnet_lib.create(unet, ldm.controlnet)
       control = jnp.zeros((1,) + tuple(controlnet_lib.image_size(controlnet, n) for n in shape[:-1]) + (3,))
@@ -324,10 +326,12 @@ def make_train_step(config, unet, conditioner, schedule, scale_factor, kind):
 
 
 def model_params(config, params):
-  """The params the models read: a LoRA run's adapters ({'lora': ...}) merged into its frozen UNet."""
+  """The params the models read: a LoRA run's adapters ({'lora': ..., 'lora_cond': ...}) merged into its frozen
+  UNet and text encoder."""
   params = dict(params)
-  if 'lora' in params:
-    params['unet'] = lora.merge(params['unet'], params.pop('lora'), lora.scale_of(config.ldm.lora))
+  for adapters, base in (('lora', 'unet'), ('lora_cond', 'cond')):
+    if adapters in params:
+      params[base] = lora.merge(params[base], params.pop(adapters), lora.scale_of(config.ldm.lora))
   return params
 
 
@@ -423,10 +427,13 @@ def load_trained(config, workdir, mesh, metadata, step=None):
                     'params.', step)
   params = model_params(config, state.eval_params)
   s = config.sampling
-  if s.loras:  # LoRA files merged in at their weights
-    params['unet'] = weights_lora.merge_files(params['unet'], s.loras, s.lora_weights or (1.0,) * len(s.loras),
-                                              config.ldm.unet)
-    logging.info('Merged the LoRA files %s into the UNet.', ', '.join(s.loras))
+  if s.loras:  # LoRA files merged in at their weights (their text-encoder adapters into a CLIP text encoder)
+    clip_params = params['cond'] if config.ldm.conditioning.kind == 'clip' else None
+    params['unet'], clip_params = weights_lora.merge_files(
+        params['unet'], s.loras, s.lora_weights or (1.0,) * len(s.loras), config.ldm.unet, clip_params)
+    if clip_params is not None:
+      params['cond'] = clip_params
+    logging.info('Merged the LoRA files %s into the model.', ', '.join(s.loras))
   return unet, conditioner, params, step
 
 
@@ -478,11 +485,17 @@ def lora_dir(workdir):
 
 def export_lora(config, workdir, state):
   """Writes the adapters sampling uses (EMA when kept) as WORKDIR/ldm/lora/pytorch_lora_weights.safetensors
-  (diffusers' name and format) and lora_kohya.safetensors."""
+  (diffusers' name and format) and lora_kohya.safetensors. A text encoder's adapters go in when it is CLIP; our
+  own text encoders have no PyTorch counterpart, so theirs stay in the checkpoint."""
   adapters = parallel.to_host(state.eval_params['lora'])
+  text_adapters = parallel.to_host(state.eval_params.get('lora_cond'))
   if not parallel.is_main_process():
     return
+  if text_adapters and config.ldm.conditioning.kind != 'clip':
+    logging.info("The text encoder's adapters have no PyTorch format (ldm.conditioning.kind='%s' is ours, not "
+                 'CLIP): they are in the checkpoint only.', config.ldm.conditioning.kind)
+    text_adapters = None
   for name, fmt in (('pytorch_lora_weights.safetensors', 'diffusers'), ('lora_kohya.safetensors', 'kohya')):
     weights_lora.write(os.path.join(lora_dir(workdir), name), adapters, lora.scale_of(config.ldm.lora),
-                       config.ldm.unet, fmt)
+                       config.ldm.unet, fmt, text_adapters)
   logging.info('Wrote the LoRA adapters to %s.', lora_dir(workdir))

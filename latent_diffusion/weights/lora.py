@@ -1,13 +1,15 @@
-"""UNet LoRA files of the PyTorch world <-> our adapters (`models/lora.py`).
+"""LoRA files of the PyTorch world (a UNet's adapters, and a CLIP text encoder's) <-> our adapters
+(`models/lora.py`).
 
-Read: diffusers / PEFT (`unet.<module>.lora_A.weight`, `.lora_B.weight`, what `save_lora_weights` writes today),
-the older diffusers names (`<module>.lora.down.weight`, `<attn>.processor.to_q_lora.down.weight`) and kohya /
-A1111 (`lora_unet_<module, dots as _>.lora_down.weight`, `.lora_up.weight`, `.alpha`; the module named as
-diffusers or as the CompVis UNetModel names it). A module's scale is
-alpha / rank, its alpha from the `.alpha` key, else from the PEFT config diffusers stores in the file's metadata
-(`lora_adapter_metadata`: lora_alpha, alpha_pattern, use_rslora), else the rank (scale 1, as diffusers loads
-such files). Write: the diffusers / PEFT names (the scale folded into lora_B, so no metadata is needed) or
-kohya's (with the alpha).
+Read: diffusers / PEFT (`unet.<module>.lora_A.weight`, `.lora_B.weight`, `text_encoder.text_model.<module>...`:
+what `save_lora_weights` writes today), the older diffusers names (`<module>.lora.down.weight`,
+`.lora_linear_layer.down.weight`, `<attn>.processor.to_q_lora.down.weight`, `self_attn.to_q_lora.down.weight`)
+and kohya / A1111 (`lora_unet_<module, dots as _>.lora_down.weight`, `.lora_up.weight`, `.alpha`, the module
+named as diffusers or as the CompVis UNetModel names it; `lora_te_text_model_<module>` for the text encoder). A
+module's scale is alpha / rank, its alpha from the `.alpha` key, else from the PEFT config diffusers stores in
+the file's metadata (`lora_adapter_metadata`: lora_alpha, alpha_pattern, use_rslora), else the rank (scale 1, as
+diffusers loads such files). Write: the diffusers / PEFT names (the scale folded into lora_B, so no metadata is
+needed) or kohya's (with the alpha).
 """
 
 import collections
@@ -19,15 +21,21 @@ import flax
 import numpy as np
 
 from latent_diffusion.models import lora
+from latent_diffusion.weights import clip
 from latent_diffusion.weights import torch_convert
 from latent_diffusion.weights import unet as weights_unet
 
 # Key endings -> the part they hold; the longest match wins.
 _PARTS = {'.lora_A.weight': 'down', '.lora.down.weight': 'down', '.lora_down.weight': 'down',
-          '_lora.down.weight': 'down', '.lora_B.weight': 'up', '.lora.up.weight': 'up', '.lora_up.weight': 'up',
-          '_lora.up.weight': 'up', '.alpha': 'alpha'}
+          '_lora.down.weight': 'down', '.lora_linear_layer.down.weight': 'down', '.lora_B.weight': 'up',
+          '.lora.up.weight': 'up', '.lora_up.weight': 'up', '_lora.up.weight': 'up',
+          '.lora_linear_layer.up.weight': 'up', '.alpha': 'alpha'}
 _PROCESSOR = {'.processor.to_q': '.to_q', '.processor.to_k': '.to_k', '.processor.to_v': '.to_v',
-              '.processor.to_out': '.to_out.0'}  # the attention processors' `to_q_lora.down.weight` names
+              '.processor.to_out': '.to_out.0', 'self_attn.to_q': 'self_attn.q_proj', 'self_attn.to_k':
+              'self_attn.k_proj', 'self_attn.to_v': 'self_attn.v_proj', 'self_attn.to_out': 'self_attn.out_proj'}
+_PREFIXES = {'unet': ('unet.base_model.model.', 'unet.', 'base_model.model.'),
+             'text': ('text_encoder.base_model.model.', 'text_encoder.')}
+_KOHYA = {'unet': 'lora_unet_', 'text': 'lora_te_'}
 FORMATS = ('diffusers', 'kohya')
 
 
@@ -40,38 +48,56 @@ def module_index(unet_params, unet_config):
   for path in flat:
     if path[-1] == 'kernel' and path[0] != 'segmentation_map':
       name = weights_unet.diffusers_key(path, len(unet_config.channel_mult))
-      index[name] = path[:-1]
+      index[name] = (path[:-1], None)
       for spelling in (name, weights_unet.compvis_key(path, unet_config)):
         kohya[spelling.replace('.', '_')] = name
   return index, kohya
 
 
+def text_index(text_params):
+  """{CLIP module name: (our module path, the projection's index in a fused kernel or None)} of a TextTransformer's
+  layers, and {kohya stem: CLIP module name}."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(text_params))
+  index, kohya = {}, {}
+  for path in flat:
+    if path[-1] == 'kernel' and lora.text_part(path[0]):
+      names = clip.torch_key(path[:-1])
+      for i, name in enumerate(names) if isinstance(names, tuple) else ((None, names),):
+        index[name] = (path[:-1], i)
+        for spelling in (name, 'text_model.' + name):  # transformers 5 names, and 4's (published files')
+          kohya[spelling.replace('.', '_')] = name
+  return index, kohya
+
+
 def _module_name(key, kohya_names):
-  """A file key's (diffusers module name, part), or None for a key that is not an adapter's."""
+  """A file key's (model, module name, part): model 'unet' or 'text', the name as diffusers' UNet or CLIP's
+  CLIPTextModel (without `text_model.`) calls the module; None for a key that is not an adapter's."""
   end = max((e for e in _PARTS if key.endswith(e)), key=len, default=None)
   if end is None:
     return None
   name = key[:-len(end)]
-  if name.startswith('lora_unet_'):
-    return kohya_names.get(name[len('lora_unet_'):], name), _PARTS[end]
-  for prefix in ('unet.base_model.model.', 'unet.', 'base_model.model.'):
-    if name.startswith(prefix):
-      name = name[len(prefix):]
-      break
+  for model, stem in _KOHYA.items():
+    if name.startswith(stem):
+      return model, kohya_names[model].get(name[len(stem):], name), _PARTS[end]
+  model = 'text' if name.startswith('text_encoder.') else 'unet'
+  name = next((name[len(p):] for p in _PREFIXES[model] if name.startswith(p)), name)
+  name = name[len('text_model.'):] if model == 'text' and name.startswith('text_model.') else name
   for old, new in _PROCESSOR.items():
     if name.endswith(old):
       name = name[:-len(old)] + new
-  return name, _PARTS[end]
+  return model, name, _PARTS[end]
 
 
-def _peft_config(path):
-  """The UNet's PEFT LoraConfig fields that diffusers' save_lora_weights keeps in the file's metadata ({} when none)."""
+def _peft_config(path, model):
+  """The PEFT LoraConfig fields of a model that diffusers' save_lora_weights keeps in the file's metadata ({} when
+  none)."""
   if not str(path).endswith('.safetensors'):
     return {}
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   with safe_open(str(path), 'np') as f:
     metadata = json.loads((f.metadata() or {}).get('lora_adapter_metadata', '{}'))
-  return {k[len('unet.'):]: v for k, v in metadata.items() if k.startswith('unet.')}
+  prefix = {'unet': 'unet.', 'text': 'text_encoder.'}[model]
+  return {k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix)}
 
 
 def _scale(name, rank, alpha, peft):
@@ -83,66 +109,123 @@ def _scale(name, rank, alpha, peft):
   return 1.0 if alpha is None else float(np.asarray(alpha).reshape(())) / rank  # a scalar, 0-d or [1]
 
 
-def read(path, unet_params, unet_config):
-  """The adapters of a LoRA file as our tree ({module path: {'down', 'up'}}, down [in, r] or [kh, kw, in, r],
-  up [r, out] with the module's scale folded in), for models/lora.merge. Keys of other models (a text encoder's
-  `lora_te_*`, `text_encoder.*`) are refused by name."""
+def _ours(path, name, p, peft):
+  """One file adapter's (down [(kh, kw,) in, r], up [r, out] with its scale folded in)."""
+  if 'down' not in p or 'up' not in p:
+    raise ValueError(f'LoRA file {path}: {name} has only {sorted(p)}; an adapter needs its down and up weights.')
+  down, up = p['down'], p['up']
+  rank = down.shape[0]
+  down = down.T if down.ndim == 2 else down.transpose(2, 3, 1, 0)  # [r, in(, kh, kw)] -> [(kh, kw,) in, r]
+  return down, up.reshape(up.shape[0], rank).T * _scale(name, rank, p.get('alpha'), peft)  # -> [r, out]
+
+
+def _fused(projections, parts):
+  """A fused kernel's adapter from some of its projections' {index: (down, up)}: down [p, in, r], up [p, r, out],
+  every projection padded with zeros to the largest rank (a missing one all zeros: no change)."""
+  rank = max(d.shape[-1] for d, _ in projections.values())
+  any_down, any_up = next(iter(projections.values()))
+  down = np.zeros((parts,) + any_down.shape[:-1] + (rank,), np.float32)
+  up = np.zeros((parts, rank, any_up.shape[-1]), np.float32)
+  for i, (d, u) in projections.items():
+    down[i, ..., :d.shape[-1]], up[i, :u.shape[0]] = d, u
+  return down, up
+
+
+def read(path, unet_params, unet_config, text_params=None):
+  """The adapters of a LoRA file as our trees (UNet adapters, text-encoder adapters: {module path: {'down',
+  'up'}}, the module's scale folded into up), for models/lora.merge. Text-encoder adapters need `text_params`, a
+  CLIP TextTransformer's; keys of other models are refused by name."""
   state = torch_convert.read_state_dict(path)
-  peft = _peft_config(path)
-  index, kohya_names = module_index(unet_params, unet_config)
-  kernels = flax.traverse_util.flatten_dict(flax.core.unfreeze(unet_params))
+  indices = {'unet': module_index(unet_params, unet_config),
+             'text': text_index(text_params) if text_params is not None else ({}, {})}
   parts, unknown = collections.defaultdict(dict), []
   for key, value in state.items():
-    found = _module_name(key, kohya_names)
-    if found is None or found[0] not in index:
+    found = _module_name(key, {model: kohya for model, (_, kohya) in indices.items()})
+    if found is None or found[1] not in indices[found[0]][0]:
       unknown.append(key)
       continue
-    parts[found[0]][found[1]] = value
+    parts[found[:2]][found[2]] = value
   if unknown:
-    raise ValueError(f'LoRA file {path}: {len(unknown)} tensors are not adapters of this UNet, e.g. {unknown[:3]} '
-                     '(text-encoder adapters are not supported; check the file is for this architecture).')
-  adapters = {}
-  for name, p in parts.items():
-    if 'down' not in p or 'up' not in p:
-      raise ValueError(f'LoRA file {path}: {name} has only {sorted(p)}; an adapter needs its down and up weights.')
-    down, up = p['down'], p['up']
-    rank = down.shape[0]
-    down = down.T if down.ndim == 2 else down.transpose(2, 3, 1, 0)  # [r, in(, kh, kw)] -> [(kh, kw,) in, r]
-    up = up.reshape(up.shape[0], rank).T * _scale(name, rank, p.get('alpha'), peft)  # -> [r, out]
-    shape = kernels[index[name] + ('kernel',)].shape
-    if tuple(shape) != down.shape[:-1] + up.shape[-1:]:
-      raise ValueError(f'LoRA file {path}: the adapter of {name} makes a kernel of {down.shape[:-1] + up.shape[-1:]}'
-                       f', but the UNet\'s is {tuple(shape)}; check the file is for this architecture.')
-    adapters[index[name]] = {'down': down, 'up': up}
-  return flax.traverse_util.unflatten_dict(adapters)
+    raise ValueError(f'LoRA file {path}: {len(unknown)} tensors are not adapters of this model, e.g. {unknown[:3]} '
+                     '(check the file is for this architecture; text-encoder adapters need the CLIP text encoder, '
+                     "ldm.conditioning.kind='clip').")
+  adapters, fused, names = {'unet': {}, 'text': {}}, collections.defaultdict(dict), {}
+  for (model, name), p in parts.items():
+    module, projection = indices[model][0][name]
+    names[model, module] = name
+    adapter = _ours(path, name, p, _peft_config(path, model))
+    if projection is None:
+      adapters[model][module] = adapter
+    else:
+      fused[module][projection] = adapter
+  for module, projections in fused.items():
+    adapters['text'][module] = _fused(projections, lora.FUSED[lora.text_part(module[-1])])
+  trees = []
+  for model, params in (('unet', unet_params), ('text', text_params)):
+    kernels = flax.traverse_util.flatten_dict(flax.core.unfreeze(params)) if params is not None else {}
+    for module, (down, up) in adapters[model].items():
+      shape = tuple(kernels[module + ('kernel',)].shape)
+      made = tuple(np.shape(lora.delta(down, up)))
+      if shape != made:
+        raise ValueError(f'LoRA file {path}: the adapter of {names[model, module]} makes a kernel of {made}, but '
+                         f'the model\'s is {shape}; check the file is for this architecture.')
+    trees.append(flax.traverse_util.unflatten_dict(
+        {module: {'down': down, 'up': up} for module, (down, up) in adapters[model].items()}))
+  return tuple(trees)
 
 
-def merge_files(unet_params, files, weights, unet_config):
-  """The UNet params with the adapters of each LoRA file merged in at its weight (sampling.loras)."""
+def merge_files(unet_params, files, weights, unet_config, text_params=None):
+  """(UNet params, text-encoder params) with the adapters of each LoRA file merged in at its weight
+  (sampling.loras)."""
   for path, weight in zip(files, weights):
-    unet_params = lora.merge(unet_params, read(path, unet_params, unet_config), weight)
-  return unet_params
+    unet_adapters, text_adapters = read(path, unet_params, unet_config, text_params)
+    unet_params = lora.merge(unet_params, unet_adapters, weight)
+    if text_adapters:
+      text_params = lora.merge(text_params, text_adapters, weight)
+  return unet_params, text_params
 
 
-def write(path, adapters, scale, unet_config, fmt='diffusers'):
-  """Writes an adapters tree trained at `scale` as a .safetensors file in `fmt`: 'diffusers' (PEFT names under
-  `unet.`, what diffusers' `load_lora_weights` reads) or 'kohya'."""
+def _torch_adapters(adapters, names):
+  """{module name: (down [r, in(, kh, kw)], up [out, r(, 1, 1)])} in PyTorch's layout; a fused kernel's adapter
+  is one per projection, named by `names(module path)`, a name or a tuple of them."""
+  torch = {}
+  for module, adapter in lora.adapter_paths(adapters).items():
+    down, up = np.asarray(adapter['down'], np.float32), np.asarray(adapter['up'], np.float32)
+    name = names(module)
+    if isinstance(name, tuple):  # fused: [p, in, r], [p, r, out]
+      torch.update({n: (down[i].T, up[i].T) for i, n in enumerate(name)})
+    elif down.ndim == 2:
+      torch[name] = (down.T, up.T)
+    else:
+      torch[name] = (down.transpose(3, 2, 0, 1), up.T[:, :, None, None])
+  return torch
+
+
+def _text_names(module):
+  """The CLIPTextModel module name(s) of a TextTransformer module, as PEFT names them (under `text_model.`)."""
+  names = clip.torch_key(module)
+  return tuple(f'text_model.{n}' for n in names) if isinstance(names, tuple) else f'text_model.{names}'
+
+
+def write(path, adapters, scale, unet_config, fmt='diffusers', text_adapters=None):
+  """Writes the UNet's adapters (and a CLIP text encoder's) trained at `scale` as a .safetensors file in `fmt`:
+  'diffusers' (PEFT names under `unet.` and `text_encoder.`, what diffusers' `load_lora_weights` reads) or
+  'kohya'."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   if fmt not in FORMATS:
     raise ValueError(f"LoRA format '{fmt}' is not one of {FORMATS}.")
+  models = [('unet.', 'lora_unet_', _torch_adapters(
+      adapters, lambda m: weights_unet.diffusers_key(m + ('kernel',), len(unet_config.channel_mult))))]
+  if text_adapters:
+    models.append(('text_encoder.', 'lora_te_', _torch_adapters(text_adapters, _text_names)))
   tensors = {}
-  for module, adapter in lora.adapter_paths(adapters).items():
-    down, up = np.asarray(adapter['down'], np.float32), np.asarray(adapter['up'], np.float32)
-    rank = down.shape[-1]
-    name = weights_unet.diffusers_key(module + ('kernel',), len(unet_config.channel_mult))
-    torch_down = down.T if down.ndim == 2 else down.transpose(3, 2, 0, 1)  # -> [r, in(, kh, kw)]
-    torch_up = up.T if down.ndim == 2 else up.T[:, :, None, None]  # -> [out, r(, 1, 1)]
-    if fmt == 'diffusers':
-      tensors[f'unet.{name}.lora_A.weight'] = torch_down
-      tensors[f'unet.{name}.lora_B.weight'] = scale * torch_up
-    else:
-      stem = 'lora_unet_' + name.replace('.', '_')
-      tensors.update({f'{stem}.lora_down.weight': torch_down, f'{stem}.lora_up.weight': torch_up,
-                      f'{stem}.alpha': np.asarray(scale * rank, np.float32)})
+  for prefix, kohya, modules in models:
+    for name, (down, up) in modules.items():
+      if fmt == 'diffusers':
+        tensors.update({f'{prefix}{name}.lora_A.weight': down, f'{prefix}{name}.lora_B.weight': scale * up})
+      else:
+        stem = kohya + name.replace('.', '_')
+        tensors.update({f'{stem}.lora_down.weight': down, f'{stem}.lora_up.weight': up,
+                        f'{stem}.alpha': np.asarray(scale * down.shape[0], np.float32)})
   epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
   save_file({k: np.array(v, np.float32, order='C') for k, v in tensors.items()}, str(path))  # 0-d stays 0-d
