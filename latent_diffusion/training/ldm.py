@@ -438,8 +438,12 @@ def load_trained(config, workdir, mesh, metadata, step=None):
 
 
 def is_done(config, workdir):
+  """Trained to ldm.total_steps (and a LoRA run's files exported: a run killed before writing them writes them
+  on its rerun, from the last checkpoint)."""
   step = checkpoint.latest_saved_step(checkpoint_dir(workdir))
-  return step is not None and step >= config.ldm.total_steps
+  exported = not config.ldm.lora.rank or all(
+      epath.Path(lora_dir(workdir), name).exists() for name, _ in LORA_FILES)
+  return step is not None and step >= config.ldm.total_steps and exported
 
 
 def run(config, workdir):
@@ -479,6 +483,9 @@ def run(config, workdir):
   return state
 
 
+LORA_FILES = (('pytorch_lora_weights.safetensors', 'diffusers'), ('lora_kohya.safetensors', 'kohya'))
+
+
 def lora_dir(workdir):
   return os.path.join(workdir, STAGE, 'lora')
 
@@ -495,7 +502,7 @@ def export_lora(config, workdir, state):
     logging.info("The text encoder's adapters have no PyTorch format (ldm.conditioning.kind='%s' is ours, not "
                  'CLIP): they are in the checkpoint only.', config.ldm.conditioning.kind)
     text_adapters = None
-  for name, fmt in (('pytorch_lora_weights.safetensors', 'diffusers'), ('lora_kohya.safetensors', 'kohya')):
+  for name, fmt in LORA_FILES:
     weights_lora.write(os.path.join(lora_dir(workdir), name), adapters, lora.scale_of(config.ldm.lora),
                        config.ldm.unet, fmt, text_adapters)
   logging.info('Wrote the LoRA adapters to %s.', lora_dir(workdir))

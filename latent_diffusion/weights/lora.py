@@ -19,6 +19,8 @@ import re
 from etils import epath
 import flax
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from latent_diffusion.models import lora
 from latent_diffusion.weights import clip
@@ -93,8 +95,7 @@ def _peft_config(path, model):
   none)."""
   if not str(path).endswith('.safetensors'):
     return {}
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  with safe_open(str(path), 'np') as f:
+  with safetensors.safe_open(str(path), 'np') as f:
     metadata = json.loads((f.metadata() or {}).get('lora_adapter_metadata', '{}'))
   prefix = {'unet': 'unet.', 'text': 'text_encoder.'}[model]
   return {k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix)}
@@ -211,7 +212,6 @@ def write(path, adapters, scale, unet_config, fmt='diffusers', text_adapters=Non
   """Writes the UNet's adapters (and a CLIP text encoder's) trained at `scale` as a .safetensors file in `fmt`:
   'diffusers' (PEFT names under `unet.` and `text_encoder.`, what diffusers' `load_lora_weights` reads) or
   'kohya'."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   if fmt not in FORMATS:
     raise ValueError(f"LoRA format '{fmt}' is not one of {FORMATS}.")
   models = [('unet.', 'lora_unet_', _torch_adapters(
@@ -228,4 +228,5 @@ def write(path, adapters, scale, unet_config, fmt='diffusers', text_adapters=Non
         tensors.update({f'{stem}.lora_down.weight': down, f'{stem}.lora_up.weight': up,
                         f'{stem}.alpha': np.asarray(scale * down.shape[0], np.float32)})
   epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  save_file({k: np.array(v, np.float32, order='C') for k, v in tensors.items()}, str(path))  # 0-d stays 0-d
+  tensors = {k: np.array(v, np.float32, order='C') for k, v in tensors.items()}  # 0-d stays 0-d
+  safetensors.numpy.save_file(tensors, str(path))

@@ -9,6 +9,7 @@ import flax
 import flax.linen as nn
 import jax
 import numpy as np
+import safetensors.numpy
 
 _WEIGHT = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight', 'bias': 'bias'}
 
@@ -20,8 +21,7 @@ def read_state_dict(path):
   if not path.exists():
     raise FileNotFoundError(f'Weights file {path} not found.')
   if path.suffix == '.safetensors':
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    tensors = load_file(str(path))
+    tensors = safetensors.numpy.load_file(str(path))
   else:
     try:
       import torch  # pylint: disable=g-import-not-at-top
