@@ -64,17 +64,18 @@ def real_images(config, split, num):
   return np.concatenate(images)[:num], captions[:num]
 
 
-def grid(maps, controlled, base, captions, scale=4):
-  """Rows of (map, ControlNet sample, base sample) upscaled `scale` times, the caption to their right."""
-  cell = maps.shape[1] * scale
-  canvas = Image.new('RGB', (3 * cell + 600, len(maps) * cell + 20), 'white')
+def grid(columns, titles, captions, scale=4):
+  """Rows of images, one column per entry of `columns` (uint8 [rows, H, W, 3] each, under its title), upscaled
+  `scale` times, each row's caption to its right."""
+  cell = columns[0].shape[1] * scale
+  canvas = Image.new('RGB', (len(columns) * cell + 600, len(captions) * cell + 20), 'white')
   draw = ImageDraw.Draw(canvas)
-  for i, title in enumerate(('control map', 'ControlNet', 'text only')):
+  for i, title in enumerate(titles):
     draw.text((i * cell + 4, 4), title, fill='black')
-  for row, images in enumerate(zip(maps, controlled, base)):
-    for column, image in enumerate(images):
-      canvas.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (column * cell, 20 + row * cell))
-    draw.text((3 * cell + 8, 20 + row * cell + cell // 2 - 6), captions[row], fill='black')
+  for row, caption in enumerate(captions):
+    for column, images in enumerate(columns):
+      canvas.paste(Image.fromarray(images[row]).resize((cell, cell), Image.NEAREST), (column * cell, 20 + row * cell))
+    draw.text((len(columns) * cell + 8, 20 + row * cell + cell // 2 - 6), caption, fill='black')
   return canvas
 
 
@@ -108,7 +109,8 @@ def main():
   print(json.dumps(result, indent=1))
   first = {k: v[:args.rows] for k, v in store.items() if k in ('segmentation', 'control')}
   maps = np.asarray(controlnet_lib.control_image(first, config.ldm.controlnet.kind))
-  grid((maps * 255).astype(np.uint8), controlled[:args.rows], base[:args.rows], captions[:args.rows]).save(args.out)
+  grid([(maps * 255).astype(np.uint8), controlled[:args.rows], base[:args.rows]],
+       ('control map', 'ControlNet', 'text only'), captions[:args.rows]).save(args.out)
 
 
 if __name__ == '__main__':

@@ -10,7 +10,10 @@ r"""img2img, inpainting and negative prompts on the README's smoke model, measur
   prompt 'a large red SHAPE POSITION': the fraction of samples with red in them.
 
   python -m latent_diffusion.main --config=configs/txt2img.py:smoke --workdir=/tmp/ldm
-  python benchmarks/editing_smoke.py --workdir=/tmp/ldm [--num=256]
+  python benchmarks/editing_smoke.py --workdir=/tmp/ldm [--num=256] [--out=docs/editing_smoke.png]
+
+The grid: a row per held-out scene, the original, its img2img edits at strength 0.5 and 0.75 (to the recoloured
+caption on the right), and, for the scenes with an empty centre, the centre inpainted.
 """
 
 import argparse
@@ -61,6 +64,8 @@ def main():
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--num', type=int, default=256)
   parser.add_argument('--strengths', default='0.25,0.5,0.75,1.0')
+  parser.add_argument('--rows', type=int, default=8)
+  parser.add_argument('--out', default='docs/editing_smoke.png')
   args = parser.parse_args()
   config = workdir_lib.load_config(args.workdir)
   reals, captions = controlnet_smoke.real_images(config, 'validation', args.num)
@@ -72,8 +77,9 @@ def main():
 
   edits = [recoloured(c) for c in captions]
   result['img2img'] = {'original': {'edit_prompt': agreement(reals, edits), 'caption': agreement(reals, captions)}}
+  edited = {}
   for strength in map(float, args.strengths.split(',')):
-    images = draw(args.workdir, config, generate.Requests(edits, seeds, scales, init_images=init),
+    images = edited[strength] = draw(args.workdir, config, generate.Requests(edits, seeds, scales, init_images=init),
                   strength=strength, sampler='ddim')
     result['img2img'][f'strength_{strength}'] = {'edit_prompt': agreement(images, edits),
                                                  'caption': agreement(images, captions),
@@ -85,16 +91,17 @@ def main():
   side = reals.shape[1]
   mask = np.zeros((len(keep), side, side, 1), np.float32)
   mask[:, side // 3:2 * side // 3, side // 3:2 * side // 3] = 1
-  prompts = [f'a large {COLOURS[i % len(COLOURS)]} {captioned_shapes.SHAPES[i % 3]} in the center'
-             for i in range(len(keep))]
-  images = draw(args.workdir, config, generate.Requests(prompts, seeds[keep], scales[keep], init_images=init[keep],
-                                                        masks=mask), strength=1.0, sampler='ddim')
-  from_noise = draw(args.workdir, config, generate.Requests(prompts, seeds[keep], scales[keep]))
+  inpaint_prompts = [f'a large {COLOURS[i % len(COLOURS)]} {captioned_shapes.SHAPES[i % 3]} in the center'
+                     for i in range(len(keep))]
+  inpainted = draw(args.workdir, config, generate.Requests(inpaint_prompts, seeds[keep], scales[keep],
+                                                           init_images=init[keep], masks=mask),
+                   strength=1.0, sampler='ddim')
+  from_noise = draw(args.workdir, config, generate.Requests(inpaint_prompts, seeds[keep], scales[keep]))
   reconstructed = reconstruct(args.workdir, config, init[keep])
   kept = mask[..., 0] == 0
-  result['inpainting'] = {'num': len(keep), 'prompt': agreement(images, prompts),
-                          'prompt_from_noise': agreement(from_noise, prompts),
-                          'kept_levels_from_original': distance(images, reals[keep], kept),
+  result['inpainting'] = {'num': len(keep), 'prompt': agreement(inpainted, inpaint_prompts),
+                          'prompt_from_noise': agreement(from_noise, inpaint_prompts),
+                          'kept_levels_from_original': distance(inpainted, reals[keep], kept),
                           'kept_levels_first_stage_floor': distance(reconstructed, reals[keep], kept)}
 
   # Negative prompts: a caption without a colour, with and without 'red' as the negative.
@@ -109,14 +116,19 @@ def main():
   result['negative_prompt'] = {'red_without_negative': red(plain), 'red_with_negative_red': red(negative),
                                'chance': round(1 / len(COLOURS), 3)}
   print(json.dumps(result, indent=1))
+  rows = keep[:args.rows]
+  columns = [reals[rows]] + [edited[s][rows] for s in (0.5, 0.75) if s in edited] + [inpainted[:args.rows]]
+  titles = ['original'] + [f'img2img {s}' for s in (0.5, 0.75) if s in edited] + ['centre inpainted']
+  captions = [f'{edits[i]}  |  {inpaint_prompts[j]}' for j, i in enumerate(rows)]
+  controlnet_smoke.grid(columns, titles, captions).save(args.out)
 
 
 def reconstruct(workdir, config, images):
   """The first stage's decoding of its encoding (posterior mode) of images in [-1, 1], as uint8."""
   mesh = parallel.create_mesh(config.mesh)
   model, params, _ = autoencoder.load_trained(config, workdir, mesh)
-  out = np.concatenate([np.asarray(model.apply({'params': params}, images[i:i + 64], None, sample_posterior=False)[0])
-                        for i in range(0, len(images), 64)])
+  out = np.concatenate([np.asarray(model.apply({'params': params}, images[i:i + 64], None,
+                                               sample_posterior=False)[0]) for i in range(0, len(images), 64)])
   return np.clip(np.round((out + 1) * 127.5), 0, 255).astype(np.uint8)
 
 

@@ -14,12 +14,14 @@ from safetensors.numpy import save_file
 
 from configs import sd_finetune
 from configs import txt2img
+from latent_diffusion import validate
 from latent_diffusion.diffusion import schedules
 from latent_diffusion.models import lora
 from latent_diffusion.training import ldm
 from latent_diffusion.weights import clip
 from latent_diffusion.weights import lora as weights_lora
 from latent_diffusion.weights import unet as weights_unet
+import shipped_configs
 import test_scale_out as scale_out
 from test_scale_out import stage_1  # pylint: disable=unused-import  (the fixture)
 import test_weights
@@ -256,7 +258,8 @@ def test_text_encoder_adapters_import_from_diffusers_older_and_kohya_names_and_e
     attn = m.replace('self_attn.q_proj', 'self_attn.to_q').replace('self_attn.v_proj', 'self_attn.to_v').replace(
         'self_attn.out_proj', 'self_attn.to_out')
     suffix = '_lora' if 'self_attn' in m else '.lora'
-    processor.update({f'text_encoder.{attn}{suffix}.down.weight': down, f'text_encoder.{attn}{suffix}.up.weight': 2 * up})
+    processor.update({f'text_encoder.{attn}{suffix}.down.weight': down,
+                      f'text_encoder.{attn}{suffix}.up.weight': 2 * up})
     stem = 'lora_te_' + m.replace('.', '_')
     kohya.update({f'{stem}.lora_down.weight': down, f'{stem}.lora_up.weight': up,
                   f'{stem}.alpha': np.array(8.0, np.float32)})
@@ -282,6 +285,10 @@ def test_a_stable_diffusion_lora_exports_its_clip_adapters_and_reads_them_back(t
   """With a CLIP text encoder (an SD folder) the stage's export holds the UNet's and the text encoder's adapters
   under diffusers' and kohya's names, and they read back as the trained ones with their scale folded in."""
   test_weights.save_tiny_stable_diffusion(tmp_path / 'sd')
+  shipped = shipped_configs.load('lora', f'folder={tmp_path / "sd"},smoke,text')  # configs/lora.py on SD
+  assert shipped.ldm.init_from == str(tmp_path / 'sd') and shipped.ldm.conditioning.kind == 'clip'
+  assert tuple(shipped.ldm.lora.text_targets) == TEXT_TARGETS and shipped.ldm.lora.rank == 4
+  assert not validate.problems(shipped)
   config = sd_finetune.get_config(f'folder={tmp_path / "sd"},smoke')
   config.ldm.lora.update(rank=4, alpha=2.0, text_targets=TEXT_TARGETS + ('fc1', 'fc2'))
   _, _, init = ldm.create(config, {'shape': [4, 4, 8], 'kind': 'kl', 'scale_factor': 0.3})
