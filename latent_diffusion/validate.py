@@ -255,7 +255,7 @@ def _lora_text_targets(found, c):
   if not targets:
     return
   unknown = [t for t in targets if t not in lora.TEXT]
-  qkv = {t for t in targets if lora.TEXT.get(t, ('',))[0] == 'qkv'}
+  qkv = {t for t in targets if lora.TEXT.get(t) == 'qkv'}
   if unknown:
     found.append(f'ldm.lora.text_targets has {unknown}; name layers of the text encoder as CLIP does: '
                  f'{tuple(lora.TEXT)}.')

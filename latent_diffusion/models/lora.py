@@ -20,9 +20,8 @@ import jax.numpy as jnp
 ATTENTION = ('to_q', 'to_k', 'to_v', 'to_out')  # ldm.lora.targets' default: the transformers' projections
 CONVS = ('in_conv', 'out_conv')  # ldm.lora.conv: the ResBlocks' 3x3 convs as well
 # ldm.lora.text_targets, in CLIP's module names (what LoRA files and trainers call them) -> our TextTransformer's
-# layer part and, for the fused q/k/v, the projection's index in it.
-TEXT = {'q_proj': ('qkv', 0), 'k_proj': ('qkv', 1), 'v_proj': ('qkv', 2), 'out_proj': ('out', None),
-        'fc1': ('ff1', None), 'fc2': ('ff2', None)}
+# layer part (q, k and v fused, in that order).
+TEXT = {'q_proj': 'qkv', 'k_proj': 'qkv', 'v_proj': 'qkv', 'out_proj': 'out', 'fc1': 'ff1', 'fc2': 'ff2'}
 FUSED = {'qkv': 3}  # our fused kernels and their number of projections
 
 
@@ -77,7 +76,7 @@ def init(rng, unet_params, lora_config):
 
 def init_text(rng, text_params, lora_config):
   """The text encoder's adapters (a TextTransformer's, for ldm.lora.text_targets in CLIP's names)."""
-  parts = {TEXT[name][0] for name in lora_config.text_targets}
+  parts = {TEXT[name] for name in lora_config.text_targets}
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(text_params))
   paths = sorted(p[:-1] for p in flat if p[-1] == 'kernel' and text_part(p[-2]) in parts)
   return _init(rng, text_params, paths, lora_config.rank)
