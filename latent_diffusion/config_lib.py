@@ -286,11 +286,21 @@ def data(name, resolution, **overrides):
   """The `data` section: a TFDS name (or `folder`, a local image folder that takes precedence). `objects_key` and
   `segmentation_key` name the features that layout and semantic models store with their latents (boxes and
   labels of at most `max_objects` objects; a class-id map). `control_folder`: with `folder`, a folder holding a
-  control image for each image under the same relative path (a ControlNet's, `ldm.controlnet.kind='image'`)."""
+  control image for each image under the same relative path (a ControlNet's, `ldm.controlnet.kind='image'`).
+
+  `files` (and `eval_files`, the eval split's): sharded files as img2dataset writes them, local or gs://, a glob
+  or a brace range (`gs://bucket/laion/{00000..41455}.tar`), in `files_format` ('' from the extension: tar,
+  tfrecord, parquet), the image and caption under `files_image_key` / `files_caption_key`; they take precedence
+  over `name` and `folder`. Examples it cannot use (no or an undecodable image, smaller than `resolution`, no
+  caption) and those `filters` drop (the shorter side under `min_size`, longer over shorter side above
+  `max_aspect_ratio`, captions shorter than `min_caption_length` or longer than `max_caption_length` characters;
+  0: no limit) are skipped and counted (`data/skipped`)."""
   c = ml_collections.ConfigDict(dict(
       name=name, folder='', control_folder='', data_dir='', resolution=resolution, train_split='train',
       eval_split='validation', image_key='image', caption_key='caption', label_key='label', objects_key='',
-      max_objects=0, segmentation_key='', random_flip=False, shuffle_block=10_000, prefetch=2))
+      max_objects=0, segmentation_key='', random_flip=False, shuffle_block=10_000, prefetch=2,
+      files='', eval_files='', files_format='', files_image_key='jpg', files_caption_key='txt',
+      filters=dict(min_size=0, max_aspect_ratio=0.0, min_caption_length=1, max_caption_length=0)))
   c.update(overrides)
   return c
 

@@ -155,6 +155,18 @@ def sync(name):
     multihost_utils.sync_global_devices(name)
 
 
+def every_process(flag):
+  """True only if `flag` holds on every host (so that hosts take the same branch, in lockstep)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.all(to_host(np.array([flag]))))
+
+
+def any_process(flag):
+  """True if `flag` holds on some host."""
+  return not every_process(not flag)
+
+
 def to_host_local(tree, mesh):
   """This host's rows of batch-sharded global arrays, as numpy (the inverse of make_array_from_process_local_data)."""
   local = multihost_utils.global_array_to_host_local_array(tree, mesh, P(BATCH_AXES))

@@ -16,6 +16,7 @@ from latent_diffusion import programs
 from latent_diffusion import stages
 from latent_diffusion.data import captioned_shapes
 from latent_diffusion.data import latent_store
+from latent_diffusion.data import shards
 from latent_diffusion.diffusion import concat as concat_lib
 from latent_diffusion.diffusion import generate
 from latent_diffusion.diffusion import objective
@@ -74,6 +75,22 @@ class _Problems(list):
       fn()
     except (ValueError, FileNotFoundError, TypeError) as e:
       self.append(str(e))
+
+
+def _data(found, d):
+  """Sharded files: they exist, their format is known, the filters are limits, held-out files for evaluation."""
+  found.choice('data.files_format', d.files_format, ('',) + shards.FORMATS)
+  for field in ('min_size', 'min_caption_length', 'max_caption_length'):
+    found.number(f'data.filters.{field}', d.filters[field], low=0, integer=True)
+  found.number('data.filters.max_aspect_ratio', d.filters.max_aspect_ratio, low=0)
+  for field in ('files', 'eval_files'):
+    if d[field]:
+      found.guard(lambda field=field: shards.file_format(shards.list_files(d[field], f'data.{field}'),
+                                                         d.files_format if d.files_format in shards.FORMATS else ''))
+  if d.files and not d.eval_files:
+    found.append(f"data.files='{d.files}' is set but data.eval_files is empty: the autoencoder's evaluation, the "
+                 f"latents of data.eval_split='{d.eval_split}' and the eval stage read it; set data.eval_files to a "
+                 'few held-out shards.')
 
 
 def _autoencoder(found, c):
@@ -357,6 +374,7 @@ def problems(config, mesh=None, stage='all', batches=True):
   found.file('data.folder', c.data.folder, directory=True)
   found.file('data.control_folder', c.data.control_folder, directory=True)
   found.number('data.resolution', c.data.resolution, low=1, integer=True)
+  _data(found, c.data)
   found.choice('latents.dtype', c.latents.dtype, tuple(latent_store.DTYPES))
   for section in ('autoencoder', 'ldm'):
     found.choice(f'{section}.train_schedule.on_nonfinite', c[section].train_schedule.on_nonfinite,

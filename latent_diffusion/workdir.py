@@ -23,7 +23,10 @@ MUTABLE_FIELDS = ('data.data_dir', 'data.prefetch', 'ldm.conditioning.vocab_file
                   'ldm.unet.attention',
                   'ldm.unet.upcast_attention', 'ldm.unet.remat', 'ldm.unet.remat_policy', 'ldm.unet.dtype')
 # Identity fields added after workdirs were made, with the value that reproduces those runs.
-ADDED_FIELDS = {'autoencoder.model.norm_groups': 32}
+ADDED_FIELDS = {'autoencoder.model.norm_groups': 32, 'data.files': '', 'data.eval_files': '', 'data.files_format': '',
+                'data.files_image_key': 'jpg', 'data.files_caption_key': 'txt', 'data.filters.min_size': 0,
+                'data.filters.max_aspect_ratio': 0.0, 'data.filters.min_caption_length': 1,
+                'data.filters.max_caption_length': 0}
 
 
 def flatten(tree, prefix=''):

@@ -13,55 +13,77 @@ import pytest
 import tensorflow as tf
 
 from configs import txt2img
+from latent_diffusion import files
 from latent_diffusion.data import captioned_shapes
 from latent_diffusion.data import latent_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def fake_encoder(calls):
-  def encode_batches(start, count):
-    calls.append((start, count))
-    for first in range(start, start + count, 3):  # batches of 3, the last padded past `count`
-      index = np.arange(first, first + 3)
-      yield {'latent': np.stack([np.full((2, 2, 4), i / 7, np.float32) for i in index]),
-             'caption': np.array([f'caption {i}'.encode() for i in index])}
-  return encode_batches
+def fake_encoder(calls, sizes, fail_at=None):
+  """`encode_shard(index)` for shards of `sizes` examples, in batches of 3; raises at shard `fail_at`."""
+  starts = np.cumsum([0] + sizes)
+
+  def encode_shard(index):
+    calls.append(index)
+    if index == fail_at:
+      raise KeyboardInterrupt('preempted')
+    for first in range(starts[index], starts[index + 1], 3):
+      labels = np.arange(first, min(first + 3, starts[index + 1]))
+      yield {'latent': np.stack([np.full((2, 2, 4), i / 7, np.float32) for i in labels]),
+             'caption': np.array([f'caption {i}'.encode() for i in labels])}
+  return encode_shard
+
+
+def write(directory, calls, dtype='float16', fail_at=None, sizes=(4, 4, 2)):
+  return latent_store.write_shards(directory, num_shards=len(sizes), dtype=dtype,
+                                   encode_shard=fake_encoder(calls, list(sizes), fail_at))
 
 
 @pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
-def test_shards_round_trip_and_restart_skips_complete_ones(tmp_path, dtype):
+def test_shards_round_trip_and_restart_skips_committed_ones(tmp_path, dtype):
   calls = []
   directory = str(tmp_path / 'train')
-  names = latent_store.write_shards(directory, num_examples=10, examples_per_shard=4,
-                                    encode_batches=fake_encoder(calls), dtype=dtype)
+  names, sizes = write(directory, calls, dtype)
   assert names == ['shard-p000-00000.npz', 'shard-p000-00001.npz', 'shard-p000-00002.npz']
-  assert calls == [(0, 4), (4, 4), (8, 2)]
+  assert calls == [0, 1, 2] and sizes == [4, 4, 2]
+  assert latent_store.read_index(directory, 0) == dict(zip(names, sizes))
   assert not latent_store.is_complete(directory)  # no metadata yet
-  latent_store.write_metadata(directory, {'shards': names, 'dtype': dtype, 'autoencoder_step': 7, 'count': 10,
-                                          'examples_per_shard': 4})
+  latent_store.write_metadata(directory, {'shards': names, 'sizes': sizes, 'dtype': dtype, 'autoencoder_step': 7,
+                                          'count': 10})
   arrays, metadata = latent_store.load(directory)
-  assert latent_store.Shards(directory).sizes == [4, 4, 2]
   np.testing.assert_allclose(arrays['latent'][:, 0, 0, 0], np.arange(10) / 7, rtol=1e-2)
   assert [c.decode() for c in arrays['caption']] == [f'caption {i}' for i in range(10)]
   assert metadata['autoencoder_step'] == 7
-
-  os.remove(os.path.join(directory, names[1]))
-  with open(os.path.join(directory, names[2]), 'r+b') as f:
-    f.truncate(40)  # a shard cut short by a crash
   calls.clear()
-  latent_store.write_shards(directory, num_examples=10, examples_per_shard=4, encode_batches=fake_encoder(calls),
-                            dtype=dtype)
-  assert calls == [(4, 4), (8, 2)]
-  assert latent_store.load(directory)[0]['caption'][9] == b'caption 9'
+  assert write(directory, calls, dtype) == (names, sizes) and not calls  # all committed: nothing re-encoded
+
+
+def test_a_preempted_write_resumes_by_shard_without_renames_on_an_object_store(monkeypatch):
+  """gs:// stand-in: ram:// with rename refused. A shard is committed by the host's index, written after it."""
+  monkeypatch.setattr(files, 'OBJECT_STORES', files.OBJECT_STORES + ['ram://'])
+
+  def no_rename(*args, **kwargs):
+    raise AssertionError(f'rename on an object store: {args}')
+  monkeypatch.setattr(tf.io.gfile, 'rename', no_rename)
+  directory, calls = 'ram://bucket/store/train', []
+  with pytest.raises(KeyboardInterrupt):
+    write(directory, calls, fail_at=2)
+  assert not tf.io.gfile.exists(f'{directory}/shard-p000-00002.npz')  # an upload cut short leaves no object
+  assert latent_store.read_index(directory, 0) == {'shard-p000-00000.npz': 4, 'shard-p000-00001.npz': 4}
+  calls.clear()
+  names, sizes = write(directory, calls)
+  assert calls == [2] and sizes == [4, 4, 2]
+  latent_store.write_metadata(directory, {'shards': names, 'sizes': sizes, 'dtype': 'float16',
+                                          'autoencoder_step': 1, 'count': 10})
+  assert [c.decode() for c in latent_store.load(directory)[0]['caption']] == [f'caption {i}' for i in range(10)]
 
 
 def test_partial_shards_are_never_read_and_missing_ones_make_the_store_incomplete(tmp_path):
   directory = str(tmp_path)
-  names = latent_store.write_shards(directory, num_examples=4, examples_per_shard=4,
-                                    encode_batches=fake_encoder([]), dtype='float16')
-  latent_store.write_metadata(directory, {'shards': names, 'dtype': 'float16', 'autoencoder_step': 1, 'count': 4,
-                                          'examples_per_shard': 4})
+  names, sizes = write(directory, [], sizes=(4,))
+  latent_store.write_metadata(directory, {'shards': names, 'sizes': sizes, 'dtype': 'float16',
+                                          'autoencoder_step': 1, 'count': 4})
   with open(os.path.join(directory, 'shard-p000-00001.npz.tmp'), 'wb') as f:
     f.write(b'partial')  # an interrupted write of another shard
   assert len(latent_store.load(directory)[0]['latent']) == 4

@@ -61,21 +61,29 @@ def test_collectives_are_counted_with_their_bytes_and_shapes():
   assert ('all-gather', [(12, 16, 16, 64), (24, 16, 16, 64)]) in shapes
 
 
-def test_find_batch_returns_the_largest_batch_that_fits(monkeypatch):
-  config = txt2img.get_config('smoke')
+@pytest.mark.parametrize('memory_gib, largest, compiles', [
+    (lambda n: 0.5 * n, 32, 3),  # linear: 16 and 32 fit, the secant guess 33 does not
+    (lambda n: 3 + 0.3 * n, 43, 4),  # an offset (parameters and optimizer state)
+    (lambda n: 0.5 * n + (6 if n > 16 else 0), 20, 5),  # a jump past the config's batch (another fusion plan)
+    (lambda n: 20 + n, None, 3),  # nothing fits, down to 1 per chip
+    (lambda n: 12 + 0.01 * n ** 2, 20, 5),  # curving up
+])
+def test_find_batch_returns_the_largest_batch_that_fits(monkeypatch, memory_gib, largest, compiles):
+  config = txt2img.get_config('smoke')  # ldm.batch_size 64: 16 per chip on v5e:2x2
   topology = plan.parse_topology('v5e:2x2')
   tried = []
 
   def fake_compile(stage, config, topology, mesh_sizes, devices):
     batch = config.ldm.batch_size // topology.chips
     tried.append(batch)
-    return plan.Plan(stage, '', {}, config.ldm.batch_size, 4, batch * plan.GiB // 2, 0, 0, 0, 16 * plan.GiB, 1.0,
-                     1.0, 1.0, 0.0, {}, [], 0, 0.0, 1e12, 1e12)
+    return plan.Plan(stage, '', {}, config.ldm.batch_size, 4, int(memory_gib(batch) * plan.GiB), 0, 0, 0,
+                     16 * plan.GiB, 1.0, 1.0, 1.0, 0.0, {}, [], 0, 0.0, 1e12, 1e12)
 
   monkeypatch.setattr(plan, 'compile_plan', fake_compile)
-  found, best = plan.find_batch('ldm', config, topology, None, [], log=lambda _: None)
-  assert found == 32 and best.batch_size == 32 * 4  # 32 chips x 0.5 GiB = 16 GiB fits, 33 does not
-  assert tried[:7] == [1, 2, 4, 8, 16, 32, 64]
+  found, best, initial = plan.find_batch('ldm', config, topology, None, [], log=lambda _: None)
+  assert found == largest and (best is None if largest is None else best.batch_size == largest * 4)
+  assert initial.batch_size == 16 * 4
+  assert tried[0] == 16 and len(tried) == len(set(tried)) == compiles, tried
 
 
 @pytest.mark.slow  # 70-120 s in the full run: CI and the README command run it

@@ -5,6 +5,10 @@ reads epoch k * B // n from offset k * B % n and yields exactly the batches an u
 k, k+1, ... Per-example randomness (flips) is seeded by the example's position in the stream.
 """
 
+import collections
+import functools
+
+from absl import logging
 import jax
 import numpy as np
 import tensorflow as tf
@@ -109,11 +113,68 @@ def train_iterator(config, global_batch_size, *, seed, start_step=0, split=None)
     raise ValueError(f'This host has {source.num_examples} examples, fewer than its batch of {batch_size}.')
   position = start_step * batch_size
   first_epoch, offset = divmod(position, source.num_examples)
-  records = tf.data.Dataset.range(first_epoch, 2**62).flat_map(lambda e: source.epoch(seed, e)).skip(offset)
+  records = source.epoch(seed, first_epoch, offset).concatenate(
+      tf.data.Dataset.range(first_epoch + 1, 2**62).flat_map(lambda e: source.epoch(seed, e)))
   ds = _finish(source, records.enumerate(start=position), config, flip=config.random_flip, seed=seed,
                layouts=False)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(config.prefetch)
-  return ds.as_numpy_iterator()
+  return (_fill_skipped(batch) for batch in ds.as_numpy_iterator())
+
+
+# What this process's input pipelines left out, by reason (sources.SKIP_REASONS); the train loop logs it.
+SKIPPED = collections.Counter()
+
+
+def skipped_counts(since=None, all_hosts=False):
+  """{reason: examples skipped} by this process's pipelines (since an earlier result; summed over the hosts)."""
+  counts = np.array([SKIPPED[r] - (since or {}).get(r, 0) for r in sources.SKIP_REASONS], np.int64)
+  if all_hosts and jax.process_count() > 1:
+    counts = parallel.to_host(counts[None]).sum(0)
+  return {r: int(n) for r, n in zip(sources.SKIP_REASONS, counts) if n}
+
+
+def _count_skipped(skip):
+  reasons = skip[skip > 0]
+  if reasons.size:
+    counts = collections.Counter(sources.SKIP_REASONS[r - 1] for r in reasons.tolist())
+    if not SKIPPED:
+      logging.warning('The input pipeline skips examples it cannot use (first: %s); counted in data/skipped.',
+                      dict(counts))
+    SKIPPED.update(counts)
+
+
+def _fill_skipped(batch):
+  """A training batch whose skipped examples' rows are taken by kept examples of the same batch, in turn: each
+  batch stays one batch of stream positions, so a restart at step k needs no saved reader state."""
+  skip = batch.pop('skip', None)
+  if skip is None or not skip.any():
+    return batch
+  _count_skipped(skip)
+  kept = np.flatnonzero(skip == 0)
+  if not kept.size:
+    raise ValueError(f'Every example of a batch of {len(skip)} was skipped '
+                     f'({dict(collections.Counter(sources.SKIP_REASONS[r - 1] for r in skip.tolist()))}): check '
+                     'data.files, data.resolution and data.filters.')
+  rows = np.arange(len(skip))
+  rows[skip > 0] = kept[np.arange(np.count_nonzero(skip)) % kept.size]
+  return {k: v[rows] for k, v in batch.items()}
+
+
+def _drop_skipped(batches, batch_size):
+  """Ordered batches without the skipped examples, regrouped into batches of `batch_size` (the last one short)."""
+  pending = []
+  for batch in batches:
+    skip = batch.pop('skip', None)
+    if skip is not None and skip.any():
+      _count_skipped(skip)
+      batch = {k: v[skip == 0] for k, v in batch.items()}
+    pending.append(batch)
+    while sum(len(p['image']) for p in pending) >= batch_size:
+      merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+      yield {k: v[:batch_size] for k, v in merged.items()}
+      pending = [{k: v[batch_size:] for k, v in merged.items()}]
+  if pending and sum(len(p['image']) for p in pending):
+    yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
 
 
 def num_host_examples(config, split):
@@ -123,19 +184,53 @@ def num_host_examples(config, split):
 
 
 def eval_iterator(config, global_batch_size, *, split=None, num_examples=None, start=0):
-  """One ordered pass over this host's share of a split, from its example `start`, `num_examples` in all
-  (split over the hosts), as full batches. The last batch is padded by repeating examples; `mask` marks the
-  real ones.
+  """One ordered pass over this host's share of a split, from its record `start`, `num_examples` records in all
+  (split over the hosts; the examples kept of them), as full batches. The last batch is padded by repeating
+  examples; `mask` marks the real ones.
   """
   source = sources.create_source(config, split or config.eval_split, process_index=jax.process_index(),
                                  process_count=jax.process_count())
   _check_resolution(source, config.resolution)
-  batch_size = _host_batch_size(global_batch_size)
   records = source.ordered().skip(start)
   if num_examples is not None:
     records = records.take(num_examples // jax.process_count())
-  ds = _finish(source, records.enumerate(), config, flip=False, seed=0, layouts=True)
-  for batch in ds.batch(batch_size).prefetch(config.prefetch).as_numpy_iterator():
+  return _ordered_batches(source, records, config, global_batch_size)
+
+
+def store_shards(config, global_batch_size, split, examples_per_shard):
+  """How the latents stage cuts this host's share of `split` into store shards: [(the shard's first record,
+  a function giving its batches as eval_iterator does)]. Sharded files give one store shard per file, so a
+  restart skips whole files; other sources `examples_per_shard` examples a shard."""
+  source = sources.create_source(config, split, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+  _check_resolution(source, config.resolution)
+  batches = lambda records: _ordered_batches(source, records, config, global_batch_size)
+  if isinstance(source, sources.ShardSource):
+    starts = np.cumsum([0] + source.counts[:-1]).tolist()
+    return [(start, functools.partial(lambda i: batches(source.file_records(i)), i))
+            for i, start in enumerate(starts)]
+  n = source.num_examples
+  return [(start, functools.partial(lambda s: batches(source.ordered().skip(s).take(examples_per_shard)), start))
+          for start in range(0, n, examples_per_shard)]
+
+
+def _ordered_batches(source, records, config, global_batch_size):
+  """Full batches of `records`, skipped examples left out, the last padded by repeating examples (`mask`
+  marks the real ones). With several hosts every host yields as many batches: a host whose share ran out
+  yields fully masked ones while the others still have examples."""
+  batch_size = _host_batch_size(global_batch_size)
+  ds = _finish(source, records.enumerate(), config, flip=False, seed=0, layouts=True).batch(batch_size)
+  blank = {k: np.full((batch_size,) + tuple(v.shape[1:]), b'' if v.dtype == tf.string else 0,
+                      object if v.dtype == tf.string else v.dtype.as_numpy_dtype)
+           for k, v in ds.element_spec.items() if k != 'skip'}
+  batches = _drop_skipped(ds.prefetch(config.prefetch).as_numpy_iterator(), batch_size)
+  while True:
+    batch = next(batches, None)
+    if not parallel.any_process(batch is not None):  # on every host each time: a collective
+      return
+    if batch is None:
+      yield dict(blank, mask=np.zeros(batch_size, bool))
+      continue
     real = len(batch['image'])
     pad = np.arange(batch_size) % real
     batch = {k: v[pad] for k, v in batch.items()}

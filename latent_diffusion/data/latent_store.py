@@ -1,16 +1,16 @@
 """The latent store: the frozen first stage's posterior moments (KL) or pre-quantisation latents (VQ) of every
 example, with its conditioning, in `.npz` shards under `WORKDIR/latents/<split>/`, plus `metadata.json`.
 
-Each host writes the shards of its own share of the split; a shard is written under a temporary name and
-renamed when complete, so a restart skips complete shards and a reader never sees a partial one. The store
-records which stage-1 checkpoint made it, and readers refuse a store made by another.
+Each host writes the shards of its own share of the split and commits each one, once written, in its own
+index (`index-p000-NNNNN.json`: shard name -> examples), so a restart skips committed shards and never trusts a shard
+cut short; no rename is needed (gs:// has none that is atomic). `metadata.json`, written last, lists every
+host's shards. The store records which stage-1 checkpoint made it, and readers refuse a store made by another.
 """
 
 import concurrent.futures
 import json
-import math
 import os
-import zipfile
+import time
 
 from absl import logging
 import jax
@@ -51,53 +51,63 @@ def check_source(metadata, autoencoder_step, directory):
 
 
 def write_shard(directory, name, arrays):
-  """The shard appears only when complete (temporary name, then rename)."""
+  """The shard appears only when complete (on a local disk a temporary name, then rename)."""
   files.write_npz(os.path.join(directory, name), arrays)
 
 
-def _shard_complete(directory, name):
-  """A shard counts only if it exists and opens as a complete npz."""
-  path = os.path.join(directory, name)
-  if not tf.io.gfile.exists(path):
-    return False
-  try:
-    files.read_npz(path)
-    return True
-  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-    logging.warning('Latent shard %s is unreadable (%s); it will be rewritten.', path, e)
-    return False
+def _index_paths(directory, process):
+  """Host `process`'s index files, oldest first."""
+  return sorted(tf.io.gfile.glob(os.path.join(directory, f'index-p{process:03d}-*.json')))
 
 
-def _all_hosts(flag):
-  """True only if `flag` holds on every host (so that hosts skip the same shards, in lockstep)."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  return bool(np.all(parallel.to_host(np.array([flag]))))
+def read_index(directory, process):
+  """{shard name: examples} of the shards host `process` has committed: its newest index file."""
+  paths = _index_paths(directory, process)
+  if not paths:
+    return {}
+  with tf.io.gfile.GFile(paths[-1]) as f:
+    return json.load(f)
 
 
-def write_shards(directory, *, num_examples, examples_per_shard, encode_batches, dtype):
-  """Writes this host's shards of a split, skipping those complete on every host; `encode_batches(start,
-  count)` yields host-local dicts of arrays (`latent` plus conditioning) for examples [start, start + count)
-  of this host's share. Returns the names of all hosts' shards."""
+def _commit(directory, process, index):
+  """Records `index` in a new index file, never overwriting one (an object store replaces nothing in place),
+  then removes the older ones."""
+  old = _index_paths(directory, process)
+  files.write_atomically(os.path.join(directory, f'index-p{process:03d}-{len(index):05d}.json'), json.dumps(index))
+  for path in old:
+    tf.io.gfile.remove(path)
+
+
+def write_shards(directory, *, num_shards, encode_shard, dtype):
+  """Writes this host's `num_shards` shards of a split, skipping those committed on every host;
+  `encode_shard(index)` yields host-local dicts of arrays (`latent` plus conditioning) of shard `index`'s
+  examples (every host calls it for the same index at once: encoding is a global computation). Returns
+  (the names of all hosts' shards, their example counts)."""
   tf.io.gfile.makedirs(directory)
-  num_shards = math.ceil(num_examples / examples_per_shard)
-  for index in range(num_shards):
-    name = shard_name(jax.process_index(), index)
-    if _all_hosts(_shard_complete(directory, name)):
-      logging.info('Latent shard %s/%s is complete; skipped.', directory, name)
+  process = jax.process_index()
+  index = read_index(directory, process)
+  for i in range(num_shards):
+    name = shard_name(process, i)
+    if parallel.every_process(name in index):
+      logging.info('Latent shard %s/%s is committed; skipped.', directory, name)
       continue
-    start = index * examples_per_shard
-    count = min(examples_per_shard, num_examples - start)
-    parts = list(encode_batches(start, count))
-    arrays = {k: np.concatenate([p[k] for p in parts])[:count] for k in parts[0]}
+    parts = [p for p in encode_shard(i) if len(p['latent'])]
+    if not parts:
+      raise ValueError(f'Latent shard {directory}/{name} would be empty: every example of its input was skipped.')
+    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     for key, value in arrays.items():  # latents and concat conditions in the store's dtype
       if value.dtype.kind == 'f':
         value = value.astype(DTYPES[dtype])
         arrays[key] = value.view(np.uint16) if dtype == 'bfloat16' else value  # npz has no bfloat16
     write_shard(directory, name, arrays)
-    logging.info('Wrote latent shard %s/%s (%d examples).', directory, name, count)
+    index[name] = len(arrays['latent'])
+    _commit(directory, process, index)
+    logging.info('Wrote latent shard %s/%s (%d examples).', directory, name, index[name])
   parallel.sync('latent_store.write_shards')
-  return sorted(shard_name(p, i) for p in range(jax.process_count()) for i in range(num_shards))
+  sizes = np.array([[index[shard_name(process, i)] for i in range(num_shards)]], np.int64)
+  all_sizes = parallel.to_host(sizes) if jax.process_count() > 1 else sizes
+  names = [shard_name(p, i) for p in range(jax.process_count()) for i in range(num_shards)]
+  return names, [int(n) for n in np.asarray(all_sizes).reshape(-1)]
 
 
 def write_metadata(directory, metadata):
@@ -131,8 +141,11 @@ def load(directory):
 
 
 def shard_sizes(metadata):
-  """The number of examples in each of `metadata['shards']`: every host wrote `examples_per_shard` per shard of
-  its equal share, the last shard of each host holding the rest."""
+  """The number of examples in each of `metadata['shards']`: as recorded, or (stores written before sizes were)
+  every host wrote `examples_per_shard` per shard of its equal share, the last shard of each host holding the
+  rest."""
+  if 'sizes' in metadata:
+    return metadata['sizes']
   hosts = len({name.rsplit('-', 1)[0] for name in metadata['shards']})
   per_host, per_shard = metadata['count'] // hosts, metadata['examples_per_shard']
   return [min(per_shard, per_host - int(name.rsplit('-', 1)[1].split('.')[0]) * per_shard)
@@ -158,26 +171,49 @@ class Shards:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+class HostShards:
+  """Host `process`'s share of a store's shards: every `count`-th shard from its index."""
+
+  def __init__(self, shards, process, count):
+    if len(shards.sizes) < count:
+      raise ValueError(f'The latent store has {len(shards.sizes)} shards, fewer than the {count} hosts that '
+                       'stream it (ldm.shuffle_window_shards > 0): write more (latents.examples_per_shard).')
+    self.shards, self.indices = shards, list(range(process, len(shards.sizes), count))
+    self.sizes = [shards.sizes[i] for i in self.indices]
+
+  def read(self, index):
+    return self.shards.read(self.indices[index])
+
+  read_many = Shards.read_many
+
+
 class LatentBatches:
-  """Endless host-local batches from a store's shards, in an order fixed by the seed alone; each global batch is
-  the stream's next `global_batch_size` examples, and each host takes its rows of it. So the global batches do
-  not depend on the number of hosts, and starting at step k gives the batches of an uninterrupted run.
+  """Endless host-local batches from a store's shards, in an order fixed by the seed alone; starting at step k
+  gives the batches of an uninterrupted run.
 
   `window_shards=0` holds the whole store in memory: epoch e is the permutation `default_rng([seed, e])` of all
-  examples. N > 0 streams stores larger than memory: epoch e visits the shards in a seed-fixed order, N at a time,
-  each window permuted; two windows are in memory, the next read in the background while this one trains.
+  examples; each global batch is the stream's next `global_batch_size` examples and each host takes its rows, so
+  the batches do not depend on the number of hosts. N > 0 streams stores larger than memory: each host reads only
+  its own shards (HostShards; its rows of a batch are its stream's next examples), visiting them in a
+  seed-fixed order N at a time, each window permuted; two windows are in memory, the next read in the
+  background while this one trains.
   """
 
   def __init__(self, shards, global_batch_size, *, seed, start_step=0, window_shards=0):
+    if window_shards and jax.process_count() > 1:
+      shards = HostShards(shards, jax.process_index(), jax.process_count())
     self.shards, self.sizes = shards, np.asarray(shards.sizes)
     self.num_examples = int(self.sizes.sum())
     self.window = min(window_shards or len(self.sizes), len(self.sizes))
     if global_batch_size % jax.process_count():
       raise ValueError(f'The global batch size {global_batch_size} is not divisible by the {jax.process_count()} '
                        'hosts.')
-    self.global_batch_size = global_batch_size
     local = global_batch_size // jax.process_count()
-    self.rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    if isinstance(shards, HostShards):
+      self.global_batch_size, self.rows = local, slice(None)
+    else:
+      self.global_batch_size = global_batch_size
+      self.rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
     self.seed, self.position = seed, start_step * global_batch_size
     self._windows, self._order, self._loaded = {}, (None, None), {}
     self._reader = concurrent.futures.ThreadPoolExecutor(1)
@@ -198,8 +234,17 @@ class LatentBatches:
   def _read(self, indices):
     """A future of the concatenated arrays of shards `indices`, read once and kept while in use."""
     if indices not in self._loaded:
-      self._loaded[indices] = self._reader.submit(self.shards.read_many, indices)
+      self._loaded[indices] = self._reader.submit(self._timed_read, indices)
     return self._loaded[indices]
+
+  def _timed_read(self, indices):
+    start = time.perf_counter()
+    arrays = self.shards.read_many(indices)
+    seconds = time.perf_counter() - start
+    count = len(next(iter(arrays.values())))
+    logging.info('Latent store: read %d shards, %d examples in %.2f s (%.0f examples/s).', len(indices), count,
+                 seconds, count / max(seconds, 1e-9))
+    return arrays
 
   def _locate(self, position):
     """(arrays, order, offset, size) of the window holding the stream's example `position`; the next window's

@@ -88,10 +88,12 @@ def run(config, workdir):
     if existing:
       latent_store.check_source(existing, ae_step, directory)
 
-    def encode_batches(start, count, split=split):
-      position = start
-      for batch in input_pipeline.eval_iterator(config.data, batch_size, split=split, start=start,
-                                                num_examples=count * jax.process_count()):
+    skipped_before = input_pipeline.skipped_counts()
+    plan = input_pipeline.store_shards(config.data, batch_size, split, config.latents.examples_per_shard)
+
+    def encode_shard(index, plan=plan):
+      position, batches = plan[index]
+      for batch in batches():
         size = len(batch['image'])
         masks = np.zeros((size, 1, 1, 1), np.float32)
         if concat == 'inpainting':
@@ -108,11 +110,8 @@ def run(config, workdir):
           conditioning['caption'] = conditioning['caption'].astype(np.bytes_)  # npz stores no objects
         yield {**{k: v[keep] for k, v in encoded.items()}, **conditioning}
 
-    num_examples = input_pipeline.num_host_examples(config.data, split)
-    names = latent_store.write_shards(
-        directory, num_examples=num_examples,
-        examples_per_shard=config.latents.examples_per_shard, encode_batches=encode_batches,
-        dtype=config.latents.dtype)
+    names, sizes = latent_store.write_shards(directory, num_shards=len(plan), encode_shard=encode_shard,
+                                             dtype=config.latents.dtype)
     first = latent_store.read_shard(directory, latent_store.shard_name(jax.process_index(), 0),
                                     config.latents.dtype)
     scale = config.latents.scale_factor
@@ -121,6 +120,7 @@ def run(config, workdir):
       scale = float(1.0 / np.sqrt(squares / count - (total / count) ** 2))
     latent_store.write_metadata(directory, {
         'split': split, 'kind': kind, 'autoencoder_step': ae_step, 'scale_factor': scale,
-        'examples_per_shard': config.latents.examples_per_shard, 'shards': names,
-        'count': num_examples * jax.process_count(), 'shape': list(first['latent'].shape[1:]),
+        'examples_per_shard': config.latents.examples_per_shard, 'shards': names, 'sizes': sizes,
+        'count': sum(sizes), 'skipped': input_pipeline.skipped_counts(since=skipped_before, all_hosts=True),
+        'shape': list(first['latent'].shape[1:]),
         'autoencoder': config.autoencoder.model.to_dict(), 'dtype': config.latents.dtype, 'concat': concat})

@@ -132,6 +132,8 @@ def train(task, *, workdir, mesh, seed, total_steps, log_every=50, checkpoint_ev
       if logged:
         _write_train_metrics(writer, done, history, ckpt.latest_step())
         writer.write_scalars(done, {f'perf/{k}': v for k, v in throughput.scalars(done).items()})
+        if input_pipeline.SKIPPED:  # examples the input pipeline could not use (sharded files)
+          writer.write_scalars(done, {'data/skipped': sum(input_pipeline.SKIPPED.values())})
         history = []
       if preempted(done):
         ckpt.save(done, state, {'step': done, 'seed': seed})
