@@ -276,10 +276,11 @@ def _config_batch_per_chip(config, stage, topology, log):
 
 
 def find_batch(stage, config, topology, mesh_sizes, all_devices, log=print):
-  """(the largest per-chip batch whose program fits, its plan, the plan at the config's batch). Memory grows about linearly with the batch, so
-  from the config's batch and its double (or half) a secant step guesses the largest that fits, and compiles at
-  the guess and one above confirm it: about four compiles of minutes each where a doubling search takes a dozen.
-  Where memory is not linear the bracket still shrinks every step, by bisection after four guesses."""
+  """(the largest per-chip batch whose program fits, its plan, the plan at the config's batch). Memory grows
+  about linearly with the batch, so from the config's batch and its double (or half) a secant step guesses the
+  largest that fits, and compiles at the guess and one above confirm it: about four compiles of minutes each
+  where a doubling search takes a dozen. Where memory is not linear the bracket still shrinks every step, by
+  bisection after four guesses."""
   section, field = programs.batch_field(stage).split('.')
   plans = {}
 
@@ -296,7 +297,7 @@ def find_batch(stage, config, topology, mesh_sizes, all_devices, log=print):
     high = min((n for n, p in plans.items() if not p.fits), default=MAX_BATCH_PER_CHIP + 1)
     if high == low + 1:
       return low or None, plans.get(low), plans[first]
-    capacity = plans[max(low, 1) if low else high].capacity
+    capacity = plans[low or high].capacity
     # The line through the two compiled batches nearest the boundary, solved for the capacity.
     a, b = sorted(sorted(plans, key=lambda n: abs(plans[n].total - (capacity or 0)))[:2])
     slope = (plans[b].total - plans[a].total) / (b - a) if b != a else 0

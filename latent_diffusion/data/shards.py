@@ -110,7 +110,7 @@ class _Seekable:
   """An open GFile as the file object pyarrow reads (it asks for `closed`, which GFile lacks)."""
 
   def __init__(self, f):
-    self._f, self.closed = f, False
+    self.closed = False
     self.read, self.seek, self.tell, self.size = f.read, f.seek, f.tell, f.size
 
   def seekable(self):
