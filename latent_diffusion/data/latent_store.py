@@ -2,8 +2,8 @@
 example, with its conditioning, in `.npz` shards under `WORKDIR/latents/<split>/`, plus `metadata.json`.
 
 Each host writes the shards of its own share of the split and commits each one, once written, in its own
-index (`index-p000-NNNNN.json`: shard name -> examples), so a restart skips committed shards and never trusts a shard
-cut short; no rename is needed (gs:// has none that is atomic). `metadata.json`, written last, lists every
+index (`index-p000-NNNNN.json`: shard name -> examples), so a restart skips committed shards that still exist and
+never trusts a shard cut short; no rename is needed (gs:// has none that is atomic). `metadata.json`, written last, lists every
 host's shards. The store records which stage-1 checkpoint made it, and readers refuse a store made by another.
 """
 
@@ -88,8 +88,8 @@ def write_shards(directory, *, num_shards, encode_shard, dtype):
   index = read_index(directory, process)
   for i in range(num_shards):
     name = shard_name(process, i)
-    if parallel.every_process(name in index):
-      logging.info('Latent shard %s/%s is committed; skipped.', directory, name)
+    if parallel.every_process(name in index and tf.io.gfile.exists(os.path.join(directory, name))):
+      logging.info('Latent shard %s/%s is complete; skipped.', directory, name)
       continue
     parts = [p for p in encode_shard(i) if len(p['latent'])]
     if not parts:
