@@ -2,7 +2,7 @@ r"""Input rates on this host: images/s through the train iterator (read, JPEG de
 from each sharded format, beside a TensorFlow-native decode of the same bytes and (if installed) grain over the
 same ArrayRecord files; then latents/s from a streamed latent store and the reader's peak RSS at two store sizes.
 
-  python benchmarks/input_pipeline.py [--images=1024 --store_shards=40]
+  python benchmarks/input_pipeline.py [--images=1024 --store_shards=160]
 grain is not a dependency: `pip install grain==0.2.18` to add its row.
 """
 
@@ -94,9 +94,10 @@ def _peak_rss_reset():
     f.write('5')  # resets VmHWM, the peak resident set
 
 
-def _peak_rss():
+def _rss(field):
+  """VmRSS (resident now) or VmHWM (the peak since the last reset), in bytes."""
   with open('/proc/self/status') as f:
-    return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM'))
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
 
 
 def write_store(directory, num_shards, per_shard, rng):
@@ -112,25 +113,25 @@ def write_store(directory, num_shards, per_shard, rng):
 
 
 def store_rate(directory, batch, window):
-  """Latents/s over one epoch of the streamed store, and the reader's peak RSS growth over that epoch."""
+  """Latents/s over one epoch of the streamed store; the process's RSS before it and its peak during it."""
   shards = latent_store.Shards(directory)
   batches = latent_store.LatentBatches(shards, batch, seed=0, window_shards=window)
   steps = sum(shards.sizes) // batch
   next(batches)
-  base = _peak_rss()
   _peak_rss_reset()
+  before = _rss('VmRSS')
   start = time.perf_counter()
   for _ in range(steps - 1):
     next(batches)
   seconds = time.perf_counter() - start
-  return (steps - 1) * batch / seconds, _peak_rss() - base
+  return (steps - 1) * batch / seconds, before, _rss('VmHWM')
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--images', type=int, default=1024)
   parser.add_argument('--batches', type=int, default=24)
-  parser.add_argument('--store_shards', type=int, default=40)
+  parser.add_argument('--store_shards', type=int, default=160)
   parser.add_argument('--per_shard', type=int, default=2048)
   parser.add_argument('--window', type=int, default=2)
   parser.add_argument('--ldm_batch', type=int, default=256)
@@ -156,12 +157,13 @@ def main():
 
     print(f'\nLatent store (float16 32x32x4 + captions, {args.per_shard} per shard, window of {args.window} '
           f'shards, batches of {args.ldm_batch}):')
-    print(f'{"store":>22s} {"latents/s":>10s} {"peak RSS growth":>16s}')
+    print(f'{"store":>22s} {"latents/s":>10s} {"RSS before":>11s} {"peak RSS":>9s}')
     for shards in (args.store_shards // 4, args.store_shards):
       directory = f'{folder}/store{shards}'
       size = write_store(directory, shards, args.per_shard, rng)
-      rate, rss = store_rate(directory, args.ldm_batch, args.window)
-      print(f'{shards:4d} shards, {size / 2**20:6.0f} MiB {rate:10.0f} {rss / 2**20:12.0f} MiB')
+      rate, before, peak = store_rate(directory, args.ldm_batch, args.window)
+      print(f'{shards:4d} shards, {size / 2**20:6.0f} MiB {rate:10.0f} {before / 2**20:7.0f} MiB {peak / 2**20:5.0f} MiB')
+      tf.io.gfile.rmtree(directory)
 
 
 if __name__ == '__main__':

@@ -17,6 +17,8 @@
 #   PYTHON        Python (>= 3.11) for the workers' virtualenv (default python3.11: the images' Ubuntu 22.04
 #                 python3 is 3.10, so it is installed from the deadsnakes PPA when missing)
 #   CONFIG        config file and arguments (default configs/txt2img.py)
+#   EXTRAS        the package extras to install on the workers (default tpu; tpu,web reads parquet and
+#                 ArrayRecord shards)
 #   SPOT          1 to create a spot (preemptible) slice (default 0)
 #   MAX_RESTARTS  restarts after a preemption or failure before giving up (default 20)
 #   PROJECT       GCP project (default: gcloud's configured project)
@@ -38,6 +40,7 @@ RUNTIME="${RUNTIME:-$default_runtime}"
 PYTHON="${PYTHON:-python3.11}"
 DRY_RUN="${DRY_RUN:-0}"
 CONFIG="${CONFIG:-configs/txt2img.py}"
+EXTRAS="${EXTRAS:-tpu}"
 SPOT="${SPOT:-0}"
 MAX_RESTARTS="${MAX_RESTARTS:-20}"
 if [[ "$WORKDIR" != gs://* ]]; then
@@ -92,7 +95,7 @@ create_and_install() {
       sudo add-apt-repository -y ppa:deadsnakes/ppa && sudo apt-get install -yq $PYTHON $PYTHON-venv
     fi
     rm -rf ~/latent_diffusion && git clone -q '$REPO' ~/latent_diffusion && cd ~/latent_diffusion
-    $PYTHON -m venv .venv && . .venv/bin/activate && pip install -q -e '.[tpu]'"
+    $PYTHON -m venv .venv && . .venv/bin/activate && pip install -q -e '.[$EXTRAS]'"
 }
 
 # Quote the pipeline arguments once, for the remote shell.

@@ -143,6 +143,20 @@ def test_streamed_batches_visit_every_example_once_per_epoch_holding_two_windows
                                 stream[35:80])
 
 
+def test_a_store_too_large_to_hold_whole_is_refused_before_training(tmp_path):
+  def encode_shard(index):
+    yield {'latent': np.full((10, 4, 4, 4), index, np.float32), 'caption': np.array([b'x'] * 10)}
+  directory = str(tmp_path)
+  names, sizes = latent_store.write_shards(directory, num_shards=3, encode_shard=encode_shard, dtype='bfloat16')
+  latent_store.write_metadata(directory, {'shards': names, 'sizes': sizes, 'dtype': 'bfloat16',
+                                          'autoencoder_step': 0, 'count': 30})
+  shards = latent_store.Shards(directory)
+  needed = os.path.getsize(os.path.join(directory, names[0])) * 3 * 2  # three shards, bfloat16 widened to float32
+  latent_store.check_fits_in_memory(shards, needed)
+  with pytest.raises(ValueError, match=r'30 examples.*ldm.shuffle_window_shards=0.*shuffle_window_shards=8'):
+    latent_store.check_fits_in_memory(shards, needed - 1)
+
+
 def test_shard_sizes_follow_from_the_metadata():
   names = [latent_store.shard_name(p, i) for p in range(2) for i in range(3)]
   assert latent_store.shard_sizes({'shards': names, 'count': 20, 'examples_per_shard': 4}) == [4, 4, 2, 4, 4, 2]

@@ -4,6 +4,7 @@ TensorFlow's ram:// filesystem, clear errors."""
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 
@@ -15,6 +16,7 @@ import tensorflow as tf
 from latent_diffusion import config_lib
 from latent_diffusion.data import export_shards
 from latent_diffusion.data import input_pipeline
+from latent_diffusion.data import latent_store
 from latent_diffusion.data import shards
 from latent_diffusion.data import sources
 
@@ -179,3 +181,26 @@ def test_keys_not_in_the_records_are_clear_errors(web):
     sources.ShardSource(data_config(spec(web, 'parquet'), files_caption_key='caption'), spec(web, 'parquet'))
   with pytest.raises(ValueError, match="data.eval_files"):
     input_pipeline.eval_iterator(data_config(spec(web, 'tar')), 16)
+
+
+@pytest.mark.slow
+def test_every_stage_runs_from_tar_shards(web, tmp_path, tfds_dir):
+  """The smoke pipeline from data.files: a store shard per train file with the damaged examples counted,
+  the eval split from its own shards, samples and their prompt agreement."""
+  from test_latent_store import main  # pylint: disable=g-import-not-at-top
+  samples = export_shards.samples('captioned_shapes/32', 'validation[:96]', data_dir=tfds_dir)
+  export_shards.write(str(tmp_path / 'validation'), samples, fmt='tar', num_shards=3)
+  result = main(tmp_path / 'run', tfds_dir, f'--config.data.files={spec(web, "tar")}',
+                f'--config.data.eval_files={tmp_path}/validation/*.tar', "--config.latents.splits=('train',)",
+                '--config.autoencoder.total_steps=2', '--config.ldm.total_steps=4', '--config.sampling.num_steps=5',
+                '--config.sampling.batch_size=8', '--config.sampling.seeds=(0,)')
+  assert result.returncode == 0, result.stderr[-3000:]
+  for stage in ('autoencoder', 'latents', 'ldm', 'sample', 'eval'):
+    assert f'stage {stage:<12} ran' in result.stdout
+  metadata = latent_store.read_metadata(latent_store.split_dir(tmp_path / 'run', 'train'))
+  assert len(metadata['shards']) == NUM_SHARDS and metadata['count'] == NUM_EXAMPLES - len(BROKEN)
+  assert metadata['skipped'] == SKIPS
+  assert 'data/skipped=' in result.stderr
+  report = json.loads((tmp_path / 'run' / 'eval' / 'ldm.json').read_text())
+  assert report['num_images'] == 16 and report['reference'] == 'validation[:32]' and report['fid'] > 0
+  assert 0 <= report['prompt_agreement/colour_position'] <= report['prompt_agreement/colour'] <= 1

@@ -171,6 +171,19 @@ class Shards:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def check_fits_in_memory(shards, available):
+  """Refuses to hold a whole store (ldm.shuffle_window_shards=0) that would need more than `available` bytes of
+  host memory (its latents as float32: twice a 16-bit store's shard files), before any compute."""
+  first = os.path.join(shards.directory, shards.metadata['shards'][0])
+  widen = 2 if shards.metadata['dtype'] in ('float16', 'bfloat16') else 1
+  needed = tf.io.gfile.stat(first).length / max(shards.sizes[0], 1) * sum(shards.sizes) * widen
+  if needed > available:
+    raise ValueError(
+        f'The latent store {shards.directory} ({sum(shards.sizes)} examples) needs about {needed / 2**30:.1f} GiB '
+        f'of host memory to hold whole (ldm.shuffle_window_shards=0), more than the {available / 2**30:.1f} GiB '
+        'allowed (half of this host\'s memory): stream it, e.g. --config.ldm.shuffle_window_shards=8.')
+
+
 class HostShards:
   """Host `process`'s share of a store's shards: every `count`-th shard from its index."""
 

@@ -84,7 +84,9 @@ def eval_requests(config, workdir, num_samples):
   elif cond.kind in conditioning.TEXT_KINDS + ('class',):
     source = sources.create_source(config.data, config.eval.reference_split)  # every host reads the same
     key = 'caption' if cond.kind in conditioning.TEXT_KINDS else 'label'
-    records = source.ordered().take(num_samples).map(lambda r: source.decode(r)[key])
+    usable = lambda example: example['skip'] == 0 if 'skip' in example else tf.constant(True)  # data.files' skips
+    examples = source.ordered().enumerate().map(lambda _, record: source.decode(record)).filter(usable)
+    records = examples.take(num_samples).map(lambda example: example[key])
     conditions = [c.decode() if isinstance(c, bytes) else int(c) for c in records.as_numpy_iterator()]
   else:
     conditions = ['']

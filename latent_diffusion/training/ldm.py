@@ -459,6 +459,8 @@ def run(config, workdir):
   if metadata.get('concat', '') != ldm.conditioning.concat:
     raise ValueError(f"The latent store {store} holds concat conditions '{metadata.get('concat', '')}', but "
                      f"ldm.conditioning.concat='{ldm.conditioning.concat}'. Delete {store} to re-encode.")
+  if not ldm.shuffle_window_shards:
+    latent_store.check_fits_in_memory(shards, os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2)
   unet, conditioner, init = create(config, metadata)
   schedule = schedules.Schedule.from_config(ldm.schedule)
 
