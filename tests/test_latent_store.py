@@ -57,6 +57,10 @@ def test_shards_round_trip_and_restart_skips_committed_ones(tmp_path, dtype):
   assert metadata['autoencoder_step'] == 7
   calls.clear()
   assert write(directory, calls, dtype) == (names, sizes) and not calls  # all committed: nothing re-encoded
+  os.remove(os.path.join(directory, names[1]))  # a committed shard lost: rebuilt alone, the index kept
+  assert write(directory, calls, dtype) == (names, sizes) and calls == [1]
+  assert latent_store.read_index(directory, 0) == dict(zip(names, sizes))
+  assert [os.path.basename(p) for p in tf.io.gfile.glob(f'{directory}/index-*')] == ['index-p000-00004.json']
 
 
 def test_a_preempted_write_resumes_by_shard_without_renames_on_an_object_store(monkeypatch):

@@ -55,9 +55,13 @@ def write_shard(directory, name, arrays):
   files.write_npz(os.path.join(directory, name), arrays)
 
 
+def _commit_number(path):
+  return int(path.rsplit('-', 1)[1].split('.')[0])
+
+
 def _index_paths(directory, process):
-  """Host `process`'s index files, oldest first."""
-  return sorted(tf.io.gfile.glob(os.path.join(directory, f'index-p{process:03d}-*.json')))
+  """Host `process`'s index files, oldest first (by commit number)."""
+  return sorted(tf.io.gfile.glob(os.path.join(directory, f'index-p{process:03d}-*.json')), key=_commit_number)
 
 
 def read_index(directory, process):
@@ -70,10 +74,11 @@ def read_index(directory, process):
 
 
 def _commit(directory, process, index):
-  """Records `index` in a new index file, never overwriting one (an object store replaces nothing in place),
-  then removes the older ones."""
+  """Records `index` in a new index file numbered one past the newest, never overwriting one (an object store
+  replaces nothing in place; a rebuilt shard leaves the index's length as it was), then removes the older ones."""
   old = _index_paths(directory, process)
-  files.write_atomically(os.path.join(directory, f'index-p{process:03d}-{len(index):05d}.json'), json.dumps(index))
+  number = _commit_number(old[-1]) + 1 if old else 1
+  files.write_atomically(os.path.join(directory, f'index-p{process:03d}-{number:05d}.json'), json.dumps(index))
   for path in old:
     tf.io.gfile.remove(path)
 
