@@ -115,7 +115,7 @@ def autoencoder(name, *, smoke=False):
     # At 32 channels the 32 GroupNorm groups hold one channel each, so every norm drops each channel's mean and
     # the decoder loses a flat background's tint; norm_groups=8 (the reference's 4 channels a group) with halved
     # deeper multipliers and a cosine decay reached 26.7 dB in 5.8 min, but the ldm trained on its latents placed
-    # objects worse (colour_position 0.36 against 0.85 on these latents), so the smoke keeps this first stage.
+    # objects worse (colour_position 0.36 against 0.85 on these latents, one machine), so the smoke keeps this one.
     c.model.update(ch=32, num_res_blocks=1, attn_resolutions=(), resolution=32)
     c.model.n_embed = min(c.model.n_embed, 256)
     c.loss.update(perceptual_weight=0.0, disc_start=10**9)
@@ -160,8 +160,8 @@ def smoke_text_encoder(c):
   (one token per word, 19 with [CLS], [SEP]) and no transformer layers. In 1200 steps a jointly trained layer
   copies the colour word into every token, padding included, and the UNet reads that average, never the position
   words (swapping them left its loss unchanged, and 19% of objects at the right place); with token + position
-  embeddings alone each word keeps its token, and the UNet's cross-attention learns where to look (49%; 85% with
-  shrink_for_smoke's recipe)."""
+  embeddings alone each word keeps its token, and the UNet's cross-attention learns where to look (49%; 54 to 85%
+  with shrink_for_smoke's recipe, by machine)."""
   c.ldm.conditioning.update(tokenizer='wordpiece', vocab_file=captioned_shapes.VOCAB_FILE, max_length=24, depth=0)
 
 
@@ -252,8 +252,10 @@ def shrink_for_smoke(c):
   c.latents.update(examples_per_shard=5_000, batch_size=256, scale_factor=0.0)
   # The smoke recipe: SpatialTransformers on the 4x4 level only (8x8 latents; the 8x8 ones took 36% of the step),
   # min-SNR weighting (gamma 5: layout is decided at high noise) and a cosine decay (a short run ends annealed).
-  # With the three, the txt2img samples put 0.85 of the objects in the prompted colour and place, against 0.49.
-  # It was measured with AdamW without weight decay, clipping at 1 and EMA over the text embeddings too.
+  # With the three, the txt2img samples put 0.85 of the objects in the prompted colour and place on one machine,
+  # against 0.49; the same code gives 0.54 on another CPU, whose rounding sends training elsewhere (README). With
+  # AdamW without weight decay, clipping at 1 and EMA over the text embeddings too; a rate of 1e-3 gave 0.54 as
+  # well, 2e-3 0.19.
   c.ldm.unet.update(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                     num_heads=4, num_head_channels=-1)
   c.ldm.conditioning.update(width=128, num_heads=4, head_dim=0, qkv_bias=True, vocab_size=0)
