@@ -157,12 +157,15 @@ BERT_EMBEDDER = dict(kind='text', tokenizer='bytes', max_length=77, width=1280, 
 
 def smoke_text_encoder(c):
   """The smoke text encoder on captioned_shapes: the paper's WordPiece tokenizer with the dataset's own word list
-  (one token per word, 19 with [CLS], [SEP]) and no transformer layers. In 1200 steps a jointly trained layer
-  copies the colour word into every token, padding included, and the UNet reads that average, never the position
-  words (swapping them left its loss unchanged, and 19% of objects at the right place); with token + position
-  embeddings alone each word keeps its token, and the UNet's cross-attention learns where to look (49%; 54 to 85%
-  with shrink_for_smoke's recipe, by machine)."""
-  c.ldm.conditioning.update(tokenizer='wordpiece', vocab_file=captioned_shapes.VOCAB_FILE, max_length=24, depth=0)
+  (one token per word, 19 with [CLS], [SEP]), no transformer layers and a 7-token convolution. In 1200 steps a
+  jointly trained layer copies the colour word into every token, padding included, and the UNet reads that
+  average, never the position words (swapping them left its loss unchanged, and 19% of objects at the right
+  place); with token + position embeddings alone each word keeps its token, but the UNet must find which colour
+  goes with which position words (54% here). The convolution (3 tokens either side) gives a phrase's 'in' and
+  'the' its colour and position words at once, so one cross-attention lookup binds them: 86% (82% of the objects
+  of two-object prompts, against 39%)."""
+  c.ldm.conditioning.update(tokenizer='wordpiece', vocab_file=captioned_shapes.VOCAB_FILE, max_length=24, depth=0,
+                            token_conv=7)
 
 
 def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, total_steps, **optimizer):
@@ -188,7 +191,7 @@ def ldm(*, unet, conditioning, schedule='default', learning_rate, batch_size, to
   # of `head_dim` (0: width / num_heads) and q/k/v with or without bias (the reference BERTEmbedder: 64, none).
   c.conditioning = ml_collections.ConfigDict(dict(
       kind='none', tokenizer='bytes', vocab_file='', pretrained='', max_length=77, width=512, depth=0,
-      num_heads=8, head_dim=0, qkv_bias=True, vocab_size=0, num_classes=0, layout_tokens='reference',
+      num_heads=8, head_dim=0, qkv_bias=True, token_conv=0, vocab_size=0, num_classes=0, layout_tokens='reference',
       layout_grid=0, concat='', segmentation_classes=0, segmentation_map_channels=0))
   c.conditioning.update(conditioning)
   c.init_from = ''  # UNet weights to start from (fine-tuning): a diffusers folder or a CompVis LDM checkpoint
@@ -252,9 +255,8 @@ def shrink_for_smoke(c):
   c.latents.update(examples_per_shard=5_000, batch_size=256, scale_factor=0.0)
   # The smoke recipe: SpatialTransformers on the 4x4 level only (8x8 latents; the 8x8 ones took 36% of the step),
   # min-SNR weighting (gamma 5: layout is decided at high noise) and a cosine decay (a short run ends annealed).
-  # With the three, the txt2img samples put 0.85 of the objects in the prompted colour and place on one machine,
-  # against 0.49; the same code gives 0.54 on another CPU, whose rounding sends training elsewhere (README). With
-  # AdamW without weight decay, clipping at 1 and EMA over the text embeddings too; a rate of 1e-3 gave 0.54 as
+  # With the three, the txt2img samples put 0.54 to 0.85 of the objects in the prompted colour and place, by
+  # machine, against 0.49; smoke_text_encoder's token convolution takes that to 0.86. With AdamW without weight decay, clipping at 1 and EMA over the text embeddings too; a rate of 1e-3 gave 0.54 as
   # well, 2e-3 0.19.
   c.ldm.unet.update(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                     num_heads=4, num_head_channels=-1)

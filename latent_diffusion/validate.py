@@ -208,6 +208,7 @@ def _conditioning(found, c):
     found.number('ldm.conditioning.max_length', cond.max_length, low=1, integer=True)
     found.number('ldm.conditioning.vocab_size', cond.vocab_size, low=0, integer=True)
     found.number('ldm.conditioning.head_dim', cond.head_dim, low=0, integer=True)
+    found.number('ldm.conditioning.token_conv', cond.token_conv, low=0, high=cond.max_length, integer=True)
     if cond.depth:
       found.number('ldm.conditioning.num_heads', cond.num_heads, low=1, integer=True)
       if not cond.head_dim:

@@ -46,6 +46,19 @@ def test_text_transformer_is_causal_free_and_position_aware():
   assert float(jnp.abs(changed - out)[1].max()) == 0.0
 
 
+def test_token_conv_mixes_neighbours_only():
+  """Without transformer layers, `token_conv` k lets each token read the k // 2 tokens either side and no further."""
+  model = conditioning.TextTransformer(vocab_size=257, max_length=12, width=16, depth=0, num_heads=1, token_conv=5)
+  ids = jnp.asarray(conditioning.ByteTokenizer()(['a red circle', 'a blue square'], 12))
+  params = model.init(jax.random.PRNGKey(0), ids)
+  changed = np.asarray(jnp.abs(model.apply(params, ids.at[:, 6].set(7)) - model.apply(params, ids)).max(-1))
+  np.testing.assert_array_equal(changed > 1e-6, np.repeat([[False] * 4 + [True] * 5 + [False] * 3], 2, axis=0))
+  plain = conditioning.TextTransformer(vocab_size=257, max_length=12, width=16, depth=0, num_heads=1)
+  plain_params = plain.init(jax.random.PRNGKey(0), ids)
+  changed = np.asarray(jnp.abs(plain.apply(plain_params, ids.at[:, 6].set(7)) - plain.apply(plain_params, ids)).max(-1))
+  np.testing.assert_array_equal(changed > 1e-6, np.repeat([[False] * 6 + [True] + [False] * 5], 2, axis=0))
+
+
 def test_class_embedder_gives_one_token():
   model = conditioning.ClassEmbedder(num_classes=19, dim=8)
   params = model.init(jax.random.PRNGKey(0), jnp.array([0]))

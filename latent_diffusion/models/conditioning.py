@@ -185,6 +185,7 @@ class TextTransformer(nn.Module):
   mlp_dim: int = 0  # 0: 4 x width
   head_dim: int = 0  # 0: width // num_heads
   qkv_bias: bool = True
+  token_conv: int = 0  # an addition (0: off, the reference): a residual convolution over this many tokens
 
   @nn.compact
   def __call__(self, ids):
@@ -192,6 +193,9 @@ class TextTransformer(nn.Module):
     x = nn.Embed(self.vocab_size, self.width, embedding_init=embed_init, name='token_emb')(ids)
     x = x + self.param('pos_emb', nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, 'embed')),
                        (self.max_length, self.width))[None, :ids.shape[1]]
+    if self.token_conv:  # each word mixed with its neighbours: binds a phrase's words without attention layers
+      x = x + nn.Conv(self.width, (self.token_conv,), padding='SAME', name='token_conv', kernel_init=nn.with_logical_partitioning(
+          layers.torch_default_init, (None, 'conv_in', 'conv_out')))(x)
     head_dim = self.head_dim or self.width // self.num_heads
     inner = self.num_heads * head_dim
     for i in range(self.depth):

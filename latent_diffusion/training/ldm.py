@@ -112,7 +112,7 @@ def text_encoder(cond_config, tokenizer_vocab):
                      'tokens; set it to 0 (the tokenizer\'s) or at least that.')
   return conditioning.TextTransformer(vocab_size, cond_config.max_length, cond_config.width, cond_config.depth,
                                       cond_config.num_heads, head_dim=cond_config.head_dim,
-                                      qkv_bias=cond_config.qkv_bias)
+                                      qkv_bias=cond_config.qkv_bias, token_conv=cond_config.token_conv)
 
 
 def sample_latent(latent, kind, rng):
