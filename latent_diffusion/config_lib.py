@@ -256,8 +256,8 @@ def shrink_for_smoke(c):
   # The smoke recipe: SpatialTransformers on the 4x4 level only (8x8 latents; the 8x8 ones took 36% of the step),
   # min-SNR weighting (gamma 5: layout is decided at high noise) and a cosine decay (a short run ends annealed).
   # With the three, the txt2img samples put 0.54 to 0.85 of the objects in the prompted colour and place, by
-  # machine, against 0.49; smoke_text_encoder's token convolution takes that to 0.86. With AdamW without weight decay, clipping at 1 and EMA over the text embeddings too; a rate of 1e-3 gave 0.54 as
-  # well, 2e-3 0.19.
+  # machine, against 0.49; smoke_text_encoder's token convolution takes that to 0.86. With AdamW without weight
+  # decay, clipping at 1 and EMA over the text embeddings too; a rate of 1e-3 gave 0.54 as well, 2e-3 0.19.
   c.ldm.unet.update(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                     num_heads=4, num_head_channels=-1)
   c.ldm.conditioning.update(width=128, num_heads=4, head_dim=0, qkv_bias=True, vocab_size=0)
