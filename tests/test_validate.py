@@ -29,6 +29,7 @@ CASES = [
     ([SMOKE, '--config.ldm.conditioning.concat=depth'], "ldm.conditioning.concat='depth'"),
     ([SMOKE, '--config.ldm.conditioning.tokenizer=sentencepiece'], "ldm.conditioning.tokenizer='sentencepiece'"),
     ([SMOKE, '--config.ldm.loss=l3'], "ldm.loss='l3'"),
+    ([SMOKE, '--config.ldm.conditioning.token_conv=-3'], 'ldm.conditioning.token_conv=-3'),
     ([SMOKE, '--config.latents.dtype=int8'], "latents.dtype='int8'"),
     ([SMOKE, '--config.ldm.unet.remat=attention'], "ldm.unet.remat='attention'"),
     ([SMOKE, '--config.ldm.unet.remat_policy=everything'], "ldm.unet.remat_policy='everything'"),
