@@ -194,6 +194,7 @@ class Plan:
   bandwidth: float
   loop_scaled: bool = False  # bytes estimated: XLA's count of a loop body x (analytic / XLA FLOPs)
   hlo: str = dataclasses.field(repr=False, default='')
+  compiled: bool = True  # False: the TPU compiler refused it for HBM; memory is what it said the program needs
 
   @property
   def total(self):
@@ -202,12 +203,12 @@ class Plan:
 
   @property
   def fits(self):
-    return self.capacity is None or self.total <= self.capacity
+    return self.compiled and (self.capacity is None or self.total <= self.capacity)
 
   @property
   def roofline_seconds(self):
     """Lower bound of one call: per-chip FLOPs at the bf16 peak, or per-chip HBM traffic at full bandwidth."""
-    if not (self.peak_flops and self.bandwidth):
+    if not (self.compiled and self.peak_flops and self.bandwidth):
       return None
     return max(self.flops / self.chips / self.peak_flops, self.bytes_accessed / self.bandwidth)
 
@@ -229,29 +230,64 @@ def compile_plan(stage, config, topology, mesh_sizes, all_devices):
   program = programs.build(stage, config, mesh)
   with jax.set_mesh(mesh):  # traced for the mesh's devices: kernel choices follow them (models/attention.py)
     start = time.perf_counter()
-    compiled = program.jitted.lower(*program.args).compile()
+    try:
+      compiled = program.jitted.lower(*program.args).compile()
+    except jax.errors.JaxRuntimeError as e:
+      needed = hbm_exhausted(str(e))
+      if needed is None:
+        raise
+      compiled = None
     seconds = time.perf_counter() - start
   step_flops = flops.count(program.fn, *program.args)  # analytic, traced without the mesh: attention as matmuls
+  chip = topology.chip
+  common = dict(stage=stage, what=program.what, mesh=dict(mesh.shape), batch_size=program.batch_size,
+                chips=len(all_devices), capacity=chip.hbm_bytes if chip else None, flops=step_flops,
+                compile_seconds=seconds, peak_flops=flops.peak_flops(all_devices[0]),
+                bandwidth=flops.memory_bandwidth(all_devices[0]))
+  if compiled is None:  # the TPU compiler refuses a program over the chip's HBM: what it said it needs
+    arguments = argument_bytes(program.args)
+    total, temporaries_only = needed
+    return Plan(**common, arguments=arguments, temporaries=total if temporaries_only else max(total - arguments, 0),
+                outputs=0, aliased=0, xla_flops=0.0, bytes_accessed=0.0, optimal_seconds=0.0, collectives={},
+                collective_shapes=[], pallas_calls=0, compiled=False)
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   text = compiled.as_text()
   summary, shapes = collectives(text)
-  chip = topology.chip
   xla_flops = float(cost.get('flops', 0.0)) * len(all_devices)
   bytes_accessed = float(cost.get('bytes accessed', 0.0))
   loops = ' while(' in text and xla_flops > 0 and step_flops > xla_flops
   if loops:  # XLA's cost model counts a loop body once: scale its bytes by the loop's share of the FLOPs
     bytes_accessed *= step_flops / xla_flops
-  return Plan(stage=stage, what=program.what, mesh=dict(mesh.shape), batch_size=program.batch_size,
-              chips=len(all_devices), arguments=memory.argument_size_in_bytes,
-              temporaries=memory.temp_size_in_bytes, outputs=memory.output_size_in_bytes,
-              aliased=memory.alias_size_in_bytes, capacity=chip.hbm_bytes if chip else None, flops=step_flops,
-              xla_flops=xla_flops, bytes_accessed=bytes_accessed, loop_scaled=loops,
+  return Plan(**common, arguments=memory.argument_size_in_bytes, temporaries=memory.temp_size_in_bytes,
+              outputs=memory.output_size_in_bytes, aliased=memory.alias_size_in_bytes, xla_flops=xla_flops,
+              bytes_accessed=bytes_accessed, loop_scaled=loops,
               optimal_seconds=max(float(cost.get('optimal_seconds', 0.0)), 0.0), collectives=summary,
-              collective_shapes=shapes, pallas_calls=pallas_calls(text), compile_seconds=seconds,
-              peak_flops=flops.peak_flops(all_devices[0]), bandwidth=flops.memory_bandwidth(all_devices[0]),
-              hlo=text)
+              collective_shapes=shapes, pallas_calls=pallas_calls(text), hlo=text)
+
+
+_HBM_USED = re.compile(r'Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm', re.IGNORECASE)
+_HBM_TEMPORARIES = re.compile(r'on HBM, the total memory required for HLO temporaries \(([\d.]+)([KMGT]?)\)')
+_UNITS = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+
+
+def hbm_exhausted(message):
+  """(bytes per chip, whether they count temporaries only) from the TPU compiler's refusal of a program over the
+  chip's HBM; None for any other error (a kernel out of VMEM is our bug, not a batch too large)."""
+  if 'RESOURCE_EXHAUSTED' not in message:
+    return None
+  for pattern, temporaries_only in ((_HBM_USED, False), (_HBM_TEMPORARIES, True)):
+    match = pattern.search(message)
+    if match:
+      return float(match.group(1)) * _UNITS[match.group(2).upper()], temporaries_only
+  return None
+
+
+def argument_bytes(args):
+  """Per-device bytes of a program's abstract arguments, from their shardings."""
+  return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+             for a in jax.tree.leaves(args) if isinstance(a, jax.ShapeDtypeStruct))
 
 
 def with_batch(config, stage, batch_per_chip, chips):
@@ -328,9 +364,10 @@ def table(plans, topology):
     rows.append((
         p.stage, '/'.join(str(p.mesh[a]) for a in parallel.MESH_AXES), f'{p.batch_size / p.chips:g}',
         f'{p.arguments / GiB:.2f}', f'{p.temporaries / GiB:.2f}', f'{p.outputs / GiB:.2f}',
-        f'{p.total / GiB:.2f}/{capacity}', 'yes' if p.fits else 'NO', f'{p.flops:.3g}', f'{p.xla_flops:.3g}',
-        ('~' if p.loop_scaled else '') + f'{p.bytes_accessed:.3g}', _format_collectives(p.collectives),
-        str(p.pallas_calls),
+        ('' if p.compiled else '>=') + f'{p.total / GiB:.2f}/{capacity}', 'yes' if p.fits else 'NO',
+        f'{p.flops:.3g}', f'{p.xla_flops:.3g}' if p.compiled else '-',
+        (('~' if p.loop_scaled else '') + f'{p.bytes_accessed:.3g}') if p.compiled else '-',
+        _format_collectives(p.collectives), str(p.pallas_calls) if p.compiled else '-',
         f'{t:.4g}' if t else '-', f'{p.images_per_second_per_chip:.3g}' if t else '-',
         f'{p.mfu_ceiling:.0%}' if t else '-', f'{p.optimal_seconds:.4g}' if p.optimal_seconds else '-',
         f'{p.compile_seconds:.1f}'))
@@ -338,6 +375,8 @@ def table(plans, topology):
   lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
   if any(p.loop_scaled for p in plans):
     lines.append("~: XLA counts a loop's body once; its bytes are scaled by our FLOPs over XLA's (the sampler).")
+  if not all(p.compiled for p in plans):
+    lines.append('>=: the TPU compiler refused the program for running out of HBM; the memory it reported needing.')
   return '\n'.join(lines)
 
 

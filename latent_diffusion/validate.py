@@ -334,6 +334,13 @@ def _eval(found, c):
   found.choice('eval.preprocessing', e.preprocessing, inception.PREPROCESSING)
   found.number('eval.num_samples', e.num_samples, low=1, integer=True)
   found.number('eval.precision_recall_k', e.precision_recall_k, low=1, integer=True)
+  found.choice('eval.sampler', e.sampler, ('',) + tuple(sorted(generate.SAMPLERS)))
+  if isinstance(c.ldm.schedule.num_timesteps, int) and c.ldm.schedule.num_timesteps > 0:
+    found.number('eval.num_steps', e.num_steps, low=0, high=c.ldm.schedule.num_timesteps, integer=True)
+    steps = e.num_steps or c.sampling.num_steps
+    if (e.sampler or c.sampling.sampler) == 'ddim' and isinstance(steps, int) and 0 < steps <= \
+        c.ldm.schedule.num_timesteps:
+      found.guard(lambda: sampling.ddim_timesteps(c.ldm.schedule.num_timesteps, steps))
   found.file('eval.reference_stats', e.reference_stats)
   found.file('eval.inception_weights', e.inception_weights, fix=weights_inception.HINT)
 

@@ -10,6 +10,7 @@ import pytest
 from latent_diffusion import config_lib
 from latent_diffusion import stages
 from latent_diffusion import workdir as workdir_lib
+from latent_diffusion.evaluation import evaluator
 from configs import txt2img
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,13 +95,13 @@ def test_incompatible_fields_ignore_mutable_ones():
   new.data.random_flip = True
   new.autoencoder.model.ch_mult = (1, 2)
   assert workdir_lib.incompatible_fields(old, new.to_dict()) == [
-      ('autoencoder.model.ch_mult', (1, 2, 4), (1, 2)), ('data.random_flip', False, True)]
+      ('autoencoder.model.ch_mult', (1, 2, 2), (1, 2)), ('data.random_flip', False, True)]
   # A field added since the workdir was made matches it at its off value, and only there; norm_groups at the
   # value the runs before it had (32) and only there.
   del old['data']['objects_key'], old['data']['max_objects'], old['autoencoder']['model']['ch_mult']
   del old['autoencoder']['model']['norm_groups']
   assert workdir_lib.incompatible_fields(old, txt2img.get_config('smoke').to_dict()) == [
-      ('autoencoder.model.ch_mult', '<absent>', (1, 2, 4))]
+      ('autoencoder.model.ch_mult', '<absent>', (1, 2, 2))]
   new = txt2img.get_config('smoke')
   new.autoencoder.model.norm_groups = 8
   assert ('autoencoder.model.norm_groups', '<absent>', 8) in workdir_lib.incompatible_fields(old, new.to_dict())
@@ -158,3 +159,13 @@ def test_unwritable_or_full_workdir_is_refused_before_any_compute(tmp_path):
     workdir_lib.check_writable(str(tmp_path / 'run'), min_free_bytes=1 << 60)
   workdir_lib.check_writable(str(tmp_path / 'run'))
   assert list((tmp_path / 'run').iterdir()) == []  # the probe file is removed
+
+
+def test_the_eval_stage_draws_with_its_own_sampler_where_set():
+  config = txt2img.get_config('smoke')
+  drawn = evaluator.with_eval_sampler(config).sampling
+  assert (drawn.sampler, drawn.num_steps) == ('dpm_solver_pp', 20)  # the smoke eval's 256 samples
+  assert (config.sampling.sampler, config.sampling.num_steps) == ('ddim', 50)  # the sample stage's grid, untouched
+  config.eval.update(sampler='', num_steps=0)
+  drawn = evaluator.with_eval_sampler(config).sampling
+  assert (drawn.sampler, drawn.num_steps) == ('ddim', 50)

@@ -126,3 +126,17 @@ def test_a_batch_that_does_not_divide_over_the_chips_is_planned_at_the_nearest_m
   lines = []
   plans, _ = plan.run(config, 'local', ['latents'], log=lines.append)
   assert plans[0].batch_size == 24 and 'latents.batch_size=30 does not divide over 8 chips; planning 24' in lines[0]
+
+
+@pytest.mark.parametrize('message, needed', [
+    ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (16.21G) exceeds '
+     'available HBM (15.75G).', (16.21 * plan.GiB, True)),
+    ('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 20.50G of '
+     '15.75G hbm. Exceeded hbm capacity by 4.75G.', (20.5 * plan.GiB, False)),
+    # A kernel out of VMEM is a bug of ours, not a batch too large: raised, not reported as not fitting.
+    ('RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom: Ran out of memory in memory space vmem while allocating '
+     'on stack for %flash_mha_bwd_dkv. Scoped allocation with size 16.44M and limit 16.00M exceeded.', None),
+    ('INVALID_ARGUMENT: something else', None),
+])
+def test_the_compilers_refusal_for_hbm_is_read(message, needed):
+  assert plan.hbm_exhausted(message) == needed

@@ -59,3 +59,17 @@ def test_autoencoder_step_and_guided_sampler_compile_for_v4():
   assert sample.fits and sample.flops > 50 * 2 * sample.batch_size
   moved = sum(size for kind, (_, size) in sample.collectives.items() if kind != 'all-reduce')
   assert moved < 1024, sample.collectives
+
+
+def test_a_program_over_the_chips_hbm_is_reported_as_not_fitting():
+  # The TPU compiler refuses such a program (RESOURCE_EXHAUSTED) instead of compiling it: the planner reports what
+  # the compiler said it needs, and the run ends with the levers instead of a traceback.
+  config = txt2img.get_config('smoke')
+  plans, problems = plan.run(config, 'v5e:2x2', ['latents'], batch_per_chip=200_000, log=lambda _: None)
+  (refused,) = plans
+  assert not refused.compiled and not refused.fits and refused.total > 16 * plan.GiB
+  assert refused.arguments == 200_000 * 32 * 32 * 3 * 4  # the images of one chip, float32
+  assert refused.roofline_seconds is None
+  (problem,) = problems
+  assert problem.startswith('latents does not fit on v5e:2x2') and 'a smaller batch' in problem
+  assert '>=' in plan.table(plans, plan.parse_topology('v5e:2x2'))

@@ -69,6 +69,8 @@ CASES = [
     ([SMOKE, '--config.ldm.ema_decay=1.0'], 'ldm.ema_decay=1.0'),
     ([SMOKE, '--config.ldm.total_steps=-5'], 'ldm.total_steps=-5'),
     ([SMOKE, '--config.sampling.num_steps=2000'], 'sampling.num_steps=2000'),
+    ([SMOKE, '--config.eval.sampler=euler'], "eval.sampler='euler'"),
+    ([SMOKE, '--config.eval.num_steps=-1'], 'eval.num_steps=-1'),
     ([SMOKE, '--config.sampling.prompts=()'], 'sampling.prompts'),
     ([SMOKE, '--config.ldm.conditioning.kind=clip'], 'ldm.conditioning.pretrained'),
     (['--config=configs/class_cond.py:smoke', '--config.ldm.conditioning.num_classes=0'],

@@ -6,6 +6,7 @@ import os
 import time
 
 from absl import logging
+import ml_collections
 import numpy as np
 import tensorflow as tf
 
@@ -28,6 +29,14 @@ def guidance_scale(config):
   """eval.guidance_scale, or the first of sampling.guidance_scales when it is 0."""
   scale = config.eval.guidance_scale
   return float(scale if scale > 0 else config.sampling.guidance_scales[0])
+
+
+def with_eval_sampler(config):
+  """A copy of `config` whose sampling section draws as the eval stage does (eval.sampler, eval.num_steps)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.sampling.sampler = config.eval.sampler or config.sampling.sampler
+  config.sampling.num_steps = config.eval.num_steps or config.sampling.num_steps
+  return config
 
 
 class Evaluator:

@@ -165,9 +165,11 @@ def chunked_attention(q, k, v, query_chunk=CHUNK, key_chunk=CHUNK, causal=False)
   return out.swapaxes(0, 1).reshape(b, lq_padded, h, d)[:, :lq].astype(q.dtype)
 
 
-def block_size(length, largest=512):
-  """The largest of 512, 256, 128 that divides a (padded) length: bigger blocks, fewer grid steps."""
-  return next(b for b in (largest, 256, BLOCK) if length % b == 0)
+def block_size(length, head_dim, largest=512, budget=512 * 128):
+  """The largest of 512, 256, 128 that divides a (padded) length with block x head_dim within `budget`: bigger
+  blocks mean fewer grid steps, but the backward kernels hold several [block, head_dim] tiles in the 16 MiB of
+  scoped VMEM (the KL-f8 autoencoder's 512-wide head at 512 x 512 blocks exceeds it)."""
+  return next((b for b in (largest, 256) if length % b == 0 and b * head_dim <= budget), BLOCK)
 
 
 def _padded(q, k, v):
@@ -190,7 +192,7 @@ def _flash(q, k, v, causal):
   segment_ids = None
   if kv_mask is not None:
     segment_ids = flash.SegmentIds(q=jnp.ones(q.shape[:1] + q.shape[2:3], jnp.int32), kv=kv_mask)
-  bq, bk = block_size(q.shape[2]), block_size(k.shape[2])
+  bq, bk = block_size(q.shape[2], q.shape[-1]), block_size(k.shape[2], q.shape[-1])
   blocks = flash.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1, block_q_major_dkv=bq,
                             block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq, block_k_major_dq=bk,
                             block_k_dq=bk, block_q_dq=bq)
@@ -206,7 +208,7 @@ def _splash(q, k, v, causal, interpret=False):
   q, k, v, kv_mask = _padded(*(a.swapaxes(1, 2) for a in (q, k, v)))
   shape = (q.shape[2], k.shape[2])
   mask = splash.CausalMask(shape) if causal else splash.FullMask(shape)
-  bq, bk = block_size(shape[0]), block_size(shape[1])
+  bq, bk = block_size(shape[0], q.shape[-1]), block_size(shape[1], q.shape[-1])
   blocks = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                              block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
   kernel = splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), block_sizes=blocks, head_shards=1,

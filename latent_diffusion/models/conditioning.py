@@ -194,8 +194,7 @@ class TextTransformer(nn.Module):
     x = x + self.param('pos_emb', nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, 'embed')),
                        (self.max_length, self.width))[None, :ids.shape[1]]
     if self.token_conv:  # each word mixed with its neighbours: binds a phrase's words without attention layers
-      kernel_init = nn.with_logical_partitioning(layers.torch_default_init, (None, 'conv_in', 'conv_out'))
-      x = x + nn.Conv(self.width, (self.token_conv,), padding='SAME', kernel_init=kernel_init, name='token_conv')(x)
+      x = x + layers.conv(self.width, self.token_conv, padding='SAME', ndim=1, name='token_conv')(x)
     head_dim = self.head_dim or self.width // self.num_heads
     inner = self.num_heads * head_dim
     for i in range(self.depth):

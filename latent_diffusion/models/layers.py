@@ -10,13 +10,14 @@ torch_default_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'
 
 
 def conv(features, kernel_size=3, strides=1, padding=1, *, use_bias=True, kernel_init=torch_default_init,
-         bias_init=nn.initializers.zeros, name=None, dtype=None):
-  """A 2D convolution (NHWC) with PyTorch-style integer or explicit padding."""
+         bias_init=nn.initializers.zeros, name=None, dtype=None, ndim=2):
+  """An `ndim`-D convolution (channels last: NHWC, or NLC for ndim=1) with PyTorch-style integer or explicit
+  padding ('SAME' too)."""
   if isinstance(padding, int):
-    padding = ((padding, padding), (padding, padding))
+    padding = ((padding, padding),) * ndim
   return nn.Conv(
-      features, (kernel_size, kernel_size), strides=(strides, strides), padding=padding, use_bias=use_bias,
-      kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, 'conv_in', 'conv_out')),
+      features, (kernel_size,) * ndim, strides=(strides,) * ndim, padding=padding, use_bias=use_bias,
+      kernel_init=nn.with_logical_partitioning(kernel_init, (None,) * ndim + ('conv_in', 'conv_out')),
       bias_init=nn.with_logical_partitioning(bias_init, ('conv_out',)), name=name, dtype=dtype)
 
 

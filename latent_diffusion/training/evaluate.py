@@ -41,9 +41,10 @@ def _read_json(path):
 
 def _request(config, workdir):
   """What eval/ldm.json must describe to be current: the newest ldm checkpoint and the configured evaluation."""
-  e = config.eval
+  e, s = config.eval, evaluator_lib.with_eval_sampler(config).sampling
   return {'ldm_step': checkpoint.latest_saved_step(ldm.checkpoint_dir(workdir)), 'source': e.source,
           'num_samples': e.num_samples, 'guidance_scale': evaluator_lib.guidance_scale(config),
+          'sampler': f'{s.sampler} x {s.num_steps}',
           'reference': e.reference_stats or f'{e.reference_split}[:{e.num_reference}]'}
 
 
@@ -87,7 +88,8 @@ def autoencoder_metrics(config, workdir, mesh, evaluator):
 
 def checkpoint_metrics(config, workdir, evaluator, *, step=None, num_samples=None):
   """FID (IS, precision/recall; prompt agreement on the built-in dataset) of `num_samples` (eval.num_samples)
-  fresh samples of the ldm checkpoint at `step` (default: the newest)."""
+  fresh samples of the ldm checkpoint at `step` (default: the newest), drawn with eval.sampler and num_steps."""
+  config = evaluator_lib.with_eval_sampler(config)
   store = latent_store.split_dir(workdir, config.latents.splits[0])
   metadata = latent_store.read_metadata(store)
   if metadata is None:
