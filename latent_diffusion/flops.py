@@ -3,7 +3,8 @@ and the peak FLOP/s and memory bandwidth of known accelerators, for throughput, 
 roofline reports.
 
 Counting the program's own matmuls keeps the number exact for any config: a train step is counted as the
-forward and backward pass that `jax.value_and_grad` traces, before XLA's optimisations. Rematerialised blocks
+forward and backward pass that `jax.value_and_grad` traces, with dead code removed as XLA removes it (the parts
+of a pullback whose results are dropped, as in the autoencoder's adaptive weight) and no other optimisation. Rematerialised blocks
 count their recomputed forward pass too (what the hardware executes), so MFU with remat reads a little high.
 """
 
@@ -12,6 +13,7 @@ import time
 
 import jax
 import jax.extend
+from jax._src.interpreters import partial_eval as pe  # dce_jaxpr has no public home
 
 from latent_diffusion.models import attention
 
@@ -73,7 +75,8 @@ def count(fn, *args, **kwargs):
   if hasattr(fn, 'lower') and hasattr(fn, '__wrapped__'):  # jitted: its trace cache would not see analytic()
     fn = fn.__wrapped__
   with attention.analytic():
-    return _jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
+    jaxpr = jax.make_jaxpr(fn)(*args, **kwargs).jaxpr
+  return _jaxpr_flops(pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[0])
 
 
 class Throughput:

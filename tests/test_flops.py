@@ -26,6 +26,11 @@ def test_matmul_conv_and_loops_are_counted_exactly():
   assert flops.count(scanned, jnp.zeros((4, 8)), jnp.zeros((8, 8))) == 5 * 2 * 4 * 8 * 8
   assert flops.count(jax.jit(lambda x, w: x @ w), jnp.zeros((4, 8)), jnp.zeros((8, 16))) == 2 * 4 * 8 * 16
 
+  def part_of_a_pullback(x, w):  # only w's gradient is kept: the forward product and x's gradient are dead code
+    y, pullback = jax.vjp(lambda x, w: x @ w, x, w)
+    return pullback(jnp.ones_like(y))[1]
+  assert flops.count(part_of_a_pullback, jnp.zeros((4, 8)), jnp.zeros((8, 16))) == 2 * 4 * 8 * 16  # x^T @ ones
+
 
 def test_unet_train_step_is_about_three_forward_passes_and_near_xla_s_count():
   model = unet_lib.UNet(64, 4, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2), num_heads=4)

@@ -2,6 +2,7 @@
 small slices, with our Pallas kernel exactly where the sequence lengths suit it, batch-sharded activations, and
 the planner's FLOPs equal to flops.py's count of the same function."""
 
+import jax
 import pytest
 
 from configs import txt2img
@@ -9,6 +10,8 @@ from latent_diffusion import flops
 from latent_diffusion import parallel
 from latent_diffusion import plan
 from latent_diffusion import programs
+from latent_diffusion.models import autoencoder as autoencoder_lib
+from latent_diffusion.weights import autoencoder as weights_autoencoder
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +71,10 @@ def test_a_program_over_the_chips_hbm_is_reported_as_not_fitting():
   plans, problems = plan.run(config, 'v5e:2x2', ['latents'], batch_per_chip=200_000, log=lambda _: None)
   (refused,) = plans
   assert not refused.compiled and not refused.fits and refused.total > 16 * plan.GiB
-  assert refused.arguments == 200_000 * 32 * 32 * 3 * 4  # the images of one chip, float32
+  first_stage = autoencoder_lib.create_autoencoder(config.autoencoder.model)
+  param_bytes = sum(p.size * 4 for p in jax.tree.leaves(weights_autoencoder.abstract_params(first_stage)))
+  # One chip's float32 images and (unused) masks, and the replicated first stage.
+  assert refused.arguments == 200_000 * (32 * 32 * 3 + 1) * 4 + param_bytes
   assert refused.roofline_seconds is None
   (problem,) = problems
   assert problem.startswith('latents does not fit on v5e:2x2') and 'a smaller batch' in problem
