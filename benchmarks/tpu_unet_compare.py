@@ -56,6 +56,8 @@ def main():
   parser.add_argument('--topology', default='v5p-128')
   parser.add_argument('--batch_per_chip', type=int, default=32)
   parser.add_argument('--dtype', default='bfloat16')
+  parser.add_argument('--unets', default='ours,ours_xla,diffusers',
+                      help='Which to compile (each takes minutes at SD-2 size): ours, ours_xla, diffusers.')
   args = parser.parse_args()
   topology = plan.parse_topology(args.topology)
   devices = plan.devices(topology)
@@ -66,9 +68,10 @@ def main():
   header = ('UNet', 'args GiB', 'temp GiB', 'total GiB', 'HBM bytes/chip', 'XLA FLOPs/chip', 'FLOPs (ours, step)',
             'pallas', 'compile s')
   print('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header))
-  for name, implementation in (('ours (attention auto)', unets.ours),
-                               ('ours (attention xla)', functools.partial(unets.ours, attention='xla')),
-                               ('diffusers-flax 0.39', unets.diffusers_flax)):
+  implementations = {'ours': ('ours (attention auto)', unets.ours),
+                     'ours_xla': ('ours (attention xla)', functools.partial(unets.ours, attention='xla')),
+                     'diffusers': ('diffusers-flax 0.39', unets.diffusers_flax)}
+  for name, implementation in (implementations[key] for key in args.unets.split(',')):
     compiled, step_flops, seconds = compile_step(cfg, args.dtype, implementation, mesh, batch_size)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
