@@ -36,9 +36,10 @@ def test_sharded_wrapper_equals_unsharded_attention(mesh_shape):
   np.testing.assert_allclose(one, expected[:1], atol=1e-5)
 
 
-@pytest.mark.parametrize('lq, lk, causal', [(128, 77, False), (200, 256, False), (77, 77, True)])
-def test_splash_kernel_pads_and_masks_to_the_reference(lq, lk, causal):
-  q, k, v = _qkv(lq, lk, batch=2, heads=2, dim=32, seed=1)
+@pytest.mark.parametrize('lq, lk, causal, dim', [(128, 77, False, 32), (200, 256, False, 32), (77, 77, True, 32),
+                                                (128, 128, False, 192)])  # a head over 128 wide: padded to 256
+def test_splash_kernel_pads_and_masks_to_the_reference(lq, lk, causal, dim):
+  q, k, v = _qkv(lq, lk, batch=2, heads=2, dim=dim, seed=1)
   expected = attention._reference(q, k, v, causal)
   splash = functools.partial(attention._splash, causal=causal, interpret=True)
   np.testing.assert_allclose(splash(q, k, v), expected, atol=1e-5)

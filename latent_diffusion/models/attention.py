@@ -173,10 +173,12 @@ def block_size(length, head_dim, largest=512, budget=512 * 128):
 
 
 def _padded(q, k, v):
-  """q, k, v [B, H, L, D] with both lengths padded to a multiple of BLOCK, and the kv mask (1 real, 0 padding)
-  when keys were padded."""
-  lq, lk = q.shape[2], k.shape[2]
-  pad = lambda a, n: jnp.pad(a, ((0, 0), (0, 0), (0, n), (0, 0))) if n else a
+  """q, k, v [B, H, L, D] with both lengths padded to a multiple of BLOCK and a head wider than BLOCK to a
+  multiple of it (the flash kernel refuses other widths, e.g. cin256-v2's 576; zero columns change no product),
+  and the kv mask (1 real, 0 padding) when keys were padded."""
+  lq, lk, d = q.shape[2], k.shape[2], q.shape[3]
+  wide = -d % BLOCK if d > BLOCK else 0
+  pad = lambda a, n: jnp.pad(a, ((0, 0), (0, 0), (0, n), (0, wide))) if n or wide else a
   q, k, v = pad(q, -lq % BLOCK), pad(k, -lk % BLOCK), pad(v, -lk % BLOCK)
   kv_mask = None
   if lk % BLOCK:
@@ -187,7 +189,7 @@ def _padded(q, k, v):
 def _flash(q, k, v, causal):
   """The Pallas flash-attention kernel on one shard, [B, L, H, D] in and out."""
   from jax.experimental.pallas.ops.tpu import flash_attention as flash  # pylint: disable=g-import-not-at-top
-  lq = q.shape[1]
+  lq, d = q.shape[1], q.shape[3]
   q, k, v, kv_mask = _padded(*(a.swapaxes(1, 2) for a in (q, k, v)))
   segment_ids = None
   if kv_mask is not None:
@@ -196,15 +198,15 @@ def _flash(q, k, v, causal):
   blocks = flash.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1, block_q_major_dkv=bq,
                             block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq, block_k_major_dq=bk,
                             block_k_dq=bk, block_q_dq=bq)
-  out = flash.flash_attention(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=q.shape[-1] ** -0.5,
+  out = flash.flash_attention(q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=d ** -0.5,
                               block_sizes=blocks)
-  return out[:, :, :lq].swapaxes(1, 2)
+  return out[:, :, :lq, :d].swapaxes(1, 2)
 
 
 def _splash(q, k, v, causal, interpret=False):
   """The Pallas splash-attention kernel on one shard, [B, L, H, D] in and out (`interpret`: on the CPU)."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
-  lq, heads = q.shape[1], q.shape[2]
+  lq, heads, d = q.shape[1], q.shape[2], q.shape[3]
   q, k, v, kv_mask = _padded(*(a.swapaxes(1, 2) for a in (q, k, v)))
   shape = (q.shape[2], k.shape[2])
   mask = splash.CausalMask(shape) if causal else splash.FullMask(shape)
@@ -213,10 +215,10 @@ def _splash(q, k, v, causal, interpret=False):
                              block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
   kernel = splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), block_sizes=blocks, head_shards=1,
                                   q_seq_shards=1, interpret=interpret)
-  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # splash applies no scale of its own
+  q = q * jnp.asarray(d ** -0.5, q.dtype)  # splash applies no scale of its own
   if kv_mask is None:
     out = jax.vmap(kernel)(q, k, v)
   else:
     ids = jax.vmap(lambda kv: splash.SegmentIds(q=jnp.ones(shape[:1], jnp.int32), kv=kv))(kv_mask)
     out = jax.vmap(kernel)(q, k, v, segment_ids=ids)
-  return out[:, :, :lq].swapaxes(1, 2)
+  return out[:, :, :lq, :d].swapaxes(1, 2)
