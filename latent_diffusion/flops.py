@@ -4,8 +4,9 @@ roofline reports.
 
 Counting the program's own matmuls keeps the number exact for any config: a train step is counted as the
 forward and backward pass that `jax.value_and_grad` traces, with dead code removed as XLA removes it (the parts
-of a pullback whose results are dropped, as in the autoencoder's adaptive weight) and no other optimisation. Rematerialised blocks
-count their recomputed forward pass too (what the hardware executes), so MFU with remat reads a little high.
+of a pullback whose results are dropped, as in the autoencoder's adaptive weight) and no other optimisation.
+Rematerialised blocks count their recomputed forward pass too (what the hardware executes), so MFU with remat
+reads a little high.
 """
 
 import math

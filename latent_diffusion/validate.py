@@ -261,10 +261,18 @@ def _sampling(found, c):
   if cond.kind in conditioning.KINDS and cond.concat in concat_lib.KINDS:
     found.guard(lambda: _scored_prompts(c, generate.requests_from_config(s, cond.kind, cond.concat, init, masks,
                                                                         c.ldm.controlnet.kind)))
-  if isinstance(c.ldm.schedule.num_timesteps, int) and c.ldm.schedule.num_timesteps > 0:
-    found.number('sampling.num_steps', s.num_steps, low=1, high=c.ldm.schedule.num_timesteps, integer=True)
-    if s.sampler == 'ddim' and isinstance(s.num_steps, int) and 0 < s.num_steps <= c.ldm.schedule.num_timesteps:
-      found.guard(lambda: sampling.ddim_timesteps(c.ldm.schedule.num_timesteps, s.num_steps))
+  _num_steps(found, c, 'sampling.num_steps', s.num_steps, low=1, sampler=s.sampler, steps=s.num_steps)
+
+
+def _num_steps(found, c, field, value, *, low, sampler, steps):
+  """`field` within the schedule's timesteps, and DDIM's timesteps buildable for the `steps` that `sampler` will
+  take (what `field` resolves to)."""
+  num_timesteps = c.ldm.schedule.num_timesteps
+  if not (isinstance(num_timesteps, int) and num_timesteps > 0):
+    return
+  found.number(field, value, low=low, high=num_timesteps, integer=True)
+  if sampler == 'ddim' and isinstance(steps, int) and 0 < steps <= num_timesteps:
+    found.guard(lambda: sampling.ddim_timesteps(num_timesteps, steps))
 
 
 def _lora_text_targets(found, c):
@@ -335,12 +343,8 @@ def _eval(found, c):
   found.number('eval.num_samples', e.num_samples, low=1, integer=True)
   found.number('eval.precision_recall_k', e.precision_recall_k, low=1, integer=True)
   found.choice('eval.sampler', e.sampler, ('',) + tuple(sorted(generate.SAMPLERS)))
-  if isinstance(c.ldm.schedule.num_timesteps, int) and c.ldm.schedule.num_timesteps > 0:
-    found.number('eval.num_steps', e.num_steps, low=0, high=c.ldm.schedule.num_timesteps, integer=True)
-    steps = e.num_steps or c.sampling.num_steps
-    if (e.sampler or c.sampling.sampler) == 'ddim' and isinstance(steps, int) and 0 < steps <= \
-        c.ldm.schedule.num_timesteps:
-      found.guard(lambda: sampling.ddim_timesteps(c.ldm.schedule.num_timesteps, steps))
+  _num_steps(found, c, 'eval.num_steps', e.num_steps, low=0, sampler=e.sampler or c.sampling.sampler,
+             steps=e.num_steps or c.sampling.num_steps)
   found.file('eval.reference_stats', e.reference_stats)
   found.file('eval.inception_weights', e.inception_weights, fix=weights_inception.HINT)
 
