@@ -117,6 +117,25 @@ def create_sharded(init_fn, mesh, *args):
   return init(*args), shardings
 
 
+def batch_axes(mesh, size):
+  """The mesh's batch axes (of size > 1) whose product divides `size`, dropped last first."""
+  axes = [a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1]
+  while size % math.prod(mesh.shape[a] for a in axes):
+    axes.pop()
+  return tuple(axes)
+
+
+def shard_batch(x):
+  """`x` with its leading (batch) dimension split over the batch axes of the mesh in context, its other dimensions
+  left to XLA. Models pin their blocks' activations so: on an fsdp mesh XLA's propagation otherwise lets the
+  weights' fsdp sharding spread into the activations and reshards them by the gigabyte. No mesh: `x` unchanged."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = () if mesh.empty else batch_axes(mesh, x.shape[0])
+  if not axes:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes, *(P.UNCONSTRAINED,) * (x.ndim - 1)))
+
+
 def batch_sharding(mesh):
   """Leading (batch) dimension split over the mesh's batch axes."""
   return NamedSharding(mesh, P(BATCH_AXES))

@@ -51,6 +51,18 @@ def test_logical_rules_map_to_mesh_axes_and_drop_what_does_not_divide():
   assert parallel.logical_sharding(('embed', 'conv_in'), (8, 8), mesh).spec == P('fsdp', None)
 
 
+def test_shard_batch_splits_activations_over_the_batch_axes_that_divide_them():
+  mesh = parallel.create_mesh(dict(data=2, fsdp=2, tensor=2))
+  double = jax.jit(lambda a: parallel.shard_batch(2 * a))
+  x = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+  with jax.set_mesh(mesh):
+    for batch, shard in ((8, (2, 3)), (6, (3, 3)), (5, (5, 3))):  # over data x fsdp, data alone, none
+      y = double(x[:batch])
+      assert y.sharding.shard_shape(y.shape) == shard
+      np.testing.assert_array_equal(y, 2 * x[:batch])
+  np.testing.assert_array_equal(parallel.shard_batch(x), x)  # no mesh in context: unchanged
+
+
 def test_sharded_state_equals_single_device_state_and_follows_the_rules():
   model = TinyMLP()
   tx = optax.adam(1e-3)

@@ -49,6 +49,17 @@ def test_txt2img_ldm_step_on_v5e_uses_flash_where_lengths_suit():
   assert report.roofline_seconds > 0 and report.images_per_second_per_chip > 0
 
 
+def test_an_fsdp_step_gathers_weights_not_activations():
+  """Full fsdp: each chip holds a quarter of the weights and a quarter of the batch. XLA gathered the global batch
+  of context projections (bf16[64,24,128]) and resharded activations with all-to-alls until every layer's output
+  was pinned to the batch (`layers.Conv` / `layers.Dense`)."""
+  config = txt2img.get_config('smoke')
+  report = _compile(config, 'ldm', 'v5e:2x2', dict(data=1, fsdp=4, tensor=1))
+  assert report.fits and report.collectives['all-gather'][0] > 0  # the weights, gathered for each use
+  assert not _activation_gathers(report, config.ldm.batch_size)
+  assert 'all-to-all' not in report.collectives, report.collectives
+
+
 def test_autoencoder_step_and_guided_sampler_compile_for_v4():
   config = txt2img.get_config('smoke')
   mesh = dict(data=2, fsdp=1, tensor=2)

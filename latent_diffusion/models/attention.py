@@ -19,7 +19,6 @@
 import contextlib
 import contextvars
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -94,12 +93,10 @@ def on_shards(kernel, q, k, v):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return kernel(q, k, v)
-  batch_axes = [a for a in parallel.BATCH_AXES if mesh.shape.get(a, 1) > 1]
-  while q.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
-    batch_axes.pop()
+  batch_axes = parallel.batch_axes(mesh, q.shape[0])
   tensor = mesh.shape.get('tensor', 1)
   heads = 'tensor' if tensor > 1 and q.shape[2] % tensor == 0 else None
-  spec = jax.sharding.PartitionSpec(tuple(batch_axes) or None, None, heads, None)
+  spec = jax.sharding.PartitionSpec(batch_axes or None, None, heads, None)
   return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
 
 

@@ -5,8 +5,25 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
+from latent_diffusion import parallel
+
 # PyTorch's default conv/linear initialisation (kaiming_uniform with a=sqrt(5)), as the reference models use.
 torch_default_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+class Conv(nn.Conv):
+  """nn.Conv whose output stays split over the batch (`parallel.shard_batch`): on an fsdp mesh XLA then gathers
+  the weights rather than the activations (it gathered the global batch of context projections otherwise)."""
+
+  def __call__(self, inputs):
+    return parallel.shard_batch(super().__call__(inputs))
+
+
+class Dense(nn.Dense):
+  """nn.Dense whose output stays split over the batch, as `Conv`."""
+
+  def __call__(self, inputs):
+    return parallel.shard_batch(super().__call__(inputs))
 
 
 def conv(features, kernel_size=3, strides=1, padding=1, *, use_bias=True, kernel_init=torch_default_init,
@@ -15,7 +32,7 @@ def conv(features, kernel_size=3, strides=1, padding=1, *, use_bias=True, kernel
   padding ('SAME' too)."""
   if isinstance(padding, int):
     padding = ((padding, padding),) * ndim
-  return nn.Conv(
+  return Conv(
       features, (kernel_size,) * ndim, strides=(strides,) * ndim, padding=padding, use_bias=use_bias,
       kernel_init=nn.with_logical_partitioning(kernel_init, (None,) * ndim + ('conv_in', 'conv_out')),
       bias_init=nn.with_logical_partitioning(bias_init, ('conv_out',)), name=name, dtype=dtype)
@@ -23,7 +40,7 @@ def conv(features, kernel_size=3, strides=1, padding=1, *, use_bias=True, kernel
 
 def dense(features, logical_axes, *, use_bias=True, kernel_init=torch_default_init, name=None, dtype=None):
   """A Dense layer whose kernel [in, out] carries the given logical axis names (bias: the output's)."""
-  return nn.Dense(
+  return Dense(
       features, use_bias=use_bias, name=name, dtype=dtype,
       kernel_init=nn.with_logical_partitioning(kernel_init, logical_axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, logical_axes[-1:]))
