@@ -127,8 +127,9 @@ def batch_axes(mesh, size):
 
 def shard_batch(x):
   """`x` with its leading (batch) dimension split over the batch axes of the mesh in context, its other dimensions
-  left to XLA. Models pin their blocks' activations so: on an fsdp mesh XLA's propagation otherwise lets the
-  weights' fsdp sharding spread into the activations and reshards them by the gigabyte. No mesh: `x` unchanged."""
+  left to XLA. Every `layers.Conv` and `layers.Dense` output is pinned so: on an fsdp mesh XLA's propagation
+  otherwise lets the weights' fsdp sharding spread into the activations and reshards them by the gigabyte. No
+  mesh: `x` unchanged."""
   mesh = jax.sharding.get_abstract_mesh()
   axes = () if mesh.empty else batch_axes(mesh, x.shape[0])
   if not axes:
