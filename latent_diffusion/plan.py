@@ -313,10 +313,11 @@ def _config_batch_per_chip(config, stage, topology, log):
 
 def find_batch(stage, config, topology, mesh_sizes, all_devices, log=print):
   """(the largest per-chip batch whose program fits, its plan, the plan at the config's batch). Memory grows
-  about linearly with the batch, so from the config's batch and its double (or half) a secant step guesses the
-  largest that fits, and compiles at the guess and one above confirm it: about four compiles of minutes each
-  where a doubling search takes a dozen. Where memory is not linear the bracket still shrinks every step, by
-  bisection after four guesses."""
+  about linearly with the batch: the second compile aims at the capacity as if temporaries were proportional to
+  the batch (parameters and optimizer state are not), then secant steps through the two nearest compiles guess
+  the largest that fits and compiles at the guess and one above confirm it: three or four compiles of minutes
+  each where a doubling search takes a dozen; a config batch near the answer makes it two. Where memory is not
+  linear the bracket still shrinks every step, by bisection after four guesses."""
   section, field = programs.batch_field(stage).split('.')
   plans = {}
 
@@ -327,7 +328,15 @@ def find_batch(stage, config, topology, mesh_sizes, all_devices, log=print):
     return plans[n]
 
   first = max(config[section][field] // topology.chips, 1)
-  compile_at(first * 2 if compile_at(first).fits else max(first // 2, 1))
+  initial = compile_at(first)
+  if initial.capacity and initial.temporaries:
+    room = initial.capacity - initial.total + initial.temporaries
+    second = math.floor(room * first / initial.temporaries)
+  else:
+    second = first * 2 if initial.fits else first // 2
+  second = min(max(second, first + 1), MAX_BATCH_PER_CHIP) if initial.fits else max(min(second, first - 1), 1)
+  if second != first:
+    compile_at(second)
   for guesses in itertools.count():
     low = max((n for n, p in plans.items() if p.fits), default=0)
     high = min((n for n, p in plans.items() if not p.fits), default=MAX_BATCH_PER_CHIP + 1)

@@ -61,12 +61,18 @@ def test_collectives_are_counted_with_their_bytes_and_shapes():
   assert ('all-gather', [(12, 16, 16, 64), (24, 16, 16, 64)]) in shapes
 
 
+# Memory per chip in GiB at a per-chip batch n: (arguments, temporaries). Without temporaries the second compile
+# doubles (or halves) the batch; with them it aims at the capacity as if they were proportional to the batch.
 @pytest.mark.parametrize('memory_gib, largest, compiles', [
-    (lambda n: 0.5 * n, 32, 3),  # linear: 16 and 32 fit, the secant guess 33 does not
-    (lambda n: 3 + 0.3 * n, 43, 4),  # an offset (parameters and optimizer state)
-    (lambda n: 0.5 * n + (6 if n > 16 else 0), 20, 5),  # a jump past the config's batch (another fusion plan)
-    (lambda n: 20 + n, None, 3),  # nothing fits, down to 1 per chip
-    (lambda n: 12 + 0.01 * n ** 2, 20, 5),  # curving up
+    (lambda n: (0.5 * n, 0), 32, 3),  # linear: 16 and 32 fit, the secant guess 33 does not
+    (lambda n: (3 + 0.3 * n, 0), 43, 4),  # an offset (parameters and optimizer state)
+    (lambda n: (0.5 * n + (6 if n > 16 else 0), 0), 20, 5),  # a jump past the config's batch (another fusion plan)
+    (lambda n: (20 + n, 0), None, 3),  # nothing fits, down to 1 per chip
+    (lambda n: (12 + 0.01 * n ** 2, 0), 20, 5),  # curving up
+    (lambda n: (3, 0.3 * n), 43, 3),  # state + proportional temporaries: aimed at 43, confirmed by 44
+    (lambda n: (3, 1 + 0.29 * n), 41, 4),  # a constant temporary too: aimed below (36), then the secant
+    (lambda n: (10, 0.375 * n), 16, 2),  # the config's batch is the largest: one compile above confirms it
+    (lambda n: (10, 0.5 * n), 12, 3),  # the config's batch does not fit: aimed at 12 from above
 ])
 def test_find_batch_returns_the_largest_batch_that_fits(monkeypatch, memory_gib, largest, compiles):
   config = txt2img.get_config('smoke')  # ldm.batch_size 64: 16 per chip on v5e:2x2
@@ -76,7 +82,8 @@ def test_find_batch_returns_the_largest_batch_that_fits(monkeypatch, memory_gib,
   def fake_compile(stage, config, topology, mesh_sizes, devices):
     batch = config.ldm.batch_size // topology.chips
     tried.append(batch)
-    return plan.Plan(stage, '', {}, config.ldm.batch_size, 4, int(memory_gib(batch) * plan.GiB), 0, 0, 0,
+    arguments, temporaries = (int(gib * plan.GiB) for gib in memory_gib(batch))
+    return plan.Plan(stage, '', {}, config.ldm.batch_size, 4, arguments, temporaries, 0, 0,
                      16 * plan.GiB, 1.0, 1.0, 1.0, 0.0, {}, [], 0, 0.0, 1e12, 1e12)
 
   monkeypatch.setattr(plan, 'compile_plan', fake_compile)
