@@ -143,15 +143,22 @@ _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 
 
 def collectives(hlo_text):
   """{kind: (count, bytes)} of the collectives in a compiled program's text, and each one's result shapes.
-  Bytes are each op's result (for async starts, the largest array of its tuple: the gathered or permuted one)."""
+  Bytes are each op's result (for async starts, the largest array of its tuple: the gathered or permuted one).
+  The TPU compiler writes a reduce-scatter as an all-reduce fused with the slice each chip keeps (a computation
+  named `all-reduce-scatter`): it counts as a reduce-scatter of that computation's result."""
   summary, shapes = collections.defaultdict(lambda: [0, 0]), []
+  scattered = None  # the result of the all-reduce-scatter computation being read
   for line in hlo_text.splitlines():
+    if line[:1] not in ('', ' ', '}'):
+      scattered = line.split('->')[-1] if line.startswith('%all-reduce-scatter') else None
     match = _COLLECTIVE.search(line)
     if not match:
       continue
-    arrays = [(dtype, tuple(int(d) for d in dims.split(',') if d)) for dtype, dims in _ARRAY.findall(match.group(1))]
+    kind, result = match.group(2), match.group(1)
+    if kind == 'all-reduce' and scattered:
+      kind, result = 'reduce-scatter', scattered
+    arrays = [(dtype, tuple(int(d) for d in dims.split(',') if d)) for dtype, dims in _ARRAY.findall(result)]
     sizes = [_BYTES[dtype] * math.prod(dims) for dtype, dims in arrays]
-    kind = match.group(2)
     summary[kind][0] += 1
     summary[kind][1] += (max(sizes) if match.group(3) and kind != 'all-reduce' else sum(sizes)) if sizes else 0
     shapes.append((kind, [dims for _, dims in arrays]))

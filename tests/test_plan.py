@@ -51,14 +51,25 @@ HLO = """
   %ag = (bf16[12,16,16,64]{3,2,1,0}, bf16[24,16,16,64]{3,2,1,0}) all-gather-start(bf16[12,16,16,64] %y)
   %rs = f32[8]{0} reduce-scatter(f32[16]{0} %z), dimensions={0}
   %fusion = f32[8]{0} fusion(f32[8]{0} %rs), kind=kLoop
+}
+
+%all-reduce-scatter.7 (input_0: f32[3,3,128,128], input_1: f32[512,128]) -> (f32[3,3,128,32], f32[128,128]) {
+  %input_0 = f32[3,3,128,128]{2,3,1,0} parameter(0)
+  %all-reduce.9 = (f32[3,3,128,128]{2,3,1,0}, f32[512,128]{1,0}) all-reduce(%input_0, %input_1), channel_id=1
+  ROOT %tuple = (f32[3,3,128,32]{2,3,1,0}, f32[128,128]{1,0}) tuple(%dynamic-slice.1, %dynamic-slice.2)
+}
+
+ENTRY %main (p: f32[2]) -> f32[2] {
+  %all-reduce.2 = f32[2]{0} all-reduce(f32[2]{0} %p), replica_groups={{0,1}}
 """
 
 
 def test_collectives_are_counted_with_their_bytes_and_shapes():
   summary, shapes = plan.collectives(HLO)
-  assert summary == {'all-reduce': (1, 320 * 640 * 4), 'all-gather': (1, 24 * 16 * 16 * 64 * 2),
-                     'reduce-scatter': (1, 32)}
+  assert summary == {'all-reduce': (2, 320 * 640 * 4 + 2 * 4), 'all-gather': (1, 24 * 16 * 16 * 64 * 2),
+                     'reduce-scatter': (2, 8 * 4 + (3 * 3 * 128 * 32 + 128 * 128) * 4)}
   assert ('all-gather', [(12, 16, 16, 64), (24, 16, 16, 64)]) in shapes
+  assert ('reduce-scatter', [(3, 3, 128, 32), (128, 128)]) in shapes
 
 
 # Memory per chip in GiB at a per-chip batch n: (arguments, temporaries). Without temporaries the second compile

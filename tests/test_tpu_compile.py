@@ -58,6 +58,10 @@ def test_an_fsdp_step_gathers_weights_not_activations():
   assert report.fits and report.collectives['all-gather'][0] > 0  # the weights, gathered for each use
   assert not _activation_gathers(report, config.ldm.batch_size)
   assert 'all-to-all' not in report.collectives, report.collectives
+  # Each chip receives the summed gradient of its quarter of the weights only (the TPU compiler's all-reduce fused
+  # with the slice kept); all-reduced in full are the vectors too small to shard.
+  scattered, reduced = report.collectives['reduce-scatter'][1], report.collectives['all-reduce'][1]
+  assert scattered > 2 * reduced, report.collectives
 
 
 def test_autoencoder_step_and_guided_sampler_compile_for_v4():
