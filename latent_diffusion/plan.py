@@ -324,7 +324,7 @@ def find_batch(stage, config, topology, mesh_sizes, all_devices, log=print):
   the batch (parameters and optimizer state are not), then secant steps through the two nearest compiles guess
   the largest that fits and compiles at the guess and one above confirm it: three or four compiles of minutes
   each where a doubling search takes a dozen; a config batch near the answer makes it two. Where memory is not
-  linear the bracket still shrinks every step, by bisection after four guesses."""
+  linear (the TPU compiler rematerializes to fit) a guess beyond the bracket, or any after four, bisects it."""
   section, field = programs.batch_field(stage).split('.')
   plans = {}
 
@@ -353,9 +353,8 @@ def find_batch(stage, config, topology, mesh_sizes, all_devices, log=print):
     # The line through the two compiled batches nearest the boundary, solved for the capacity.
     a, b = sorted(sorted(plans, key=lambda n: abs(plans[n].total - (capacity or 0)))[:2])
     slope = (plans[b].total - plans[a].total) / (b - a) if b != a else 0
-    if capacity and slope > 0 and guesses < 4:
-      guess = a + math.floor((capacity - plans[a].total) / slope)
-    else:
+    guess = a + math.floor((capacity - plans[a].total) / slope) if capacity and slope > 0 and guesses < 4 else high
+    if guess >= high:  # no line, or one that misses the bracket (the compiler rematerializes near the capacity)
       guess = 2 * low if high > MAX_BATCH_PER_CHIP else (low + high) // 2
     compile_at(min(max(guess, low + 1), high - 1))
 
