@@ -17,9 +17,14 @@ sd2=(--config=configs/txt2img.py --config.ldm.unet.num_head_channels=64 --config
      --config.ldm.unet.dtype=bfloat16)
 plan() { echo "### $*"; python -m latent_diffusion.plan --compilation_cache_dir="${CACHE:-/tmp/ldm_plan_cache}" "$@"; }
 for topology in "${topologies[@]}"; do
+  # A v5e chip (16 GiB) cannot hold txt2img's or the SD-2-sized UNet's replicated state: fsdp there.
+  mesh=()
+  if [[ $topology == v5e* || $topology == v5litepod* ]]; then
+    mesh=(--config.mesh.fsdp=-1 --config.mesh.data=1)
+  fi
   # --find_batch compiles the config's batch first, so each table has its row beside the largest that fits.
   plan --config=configs/class_cond.py --topology="$topology" --stage=ldm --find_batch
   plan --config=configs/txt2img.py --topology="$topology" --stage=autoencoder --find_batch
-  plan --config=configs/txt2img.py --topology="$topology" --stage=ldm --find_batch
-  plan "${sd2[@]}" --topology="$topology" --stage=ldm --find_batch
+  plan --config=configs/txt2img.py "${mesh[@]}" --topology="$topology" --stage=ldm --find_batch
+  plan "${sd2[@]}" "${mesh[@]}" --topology="$topology" --stage=ldm --find_batch
 done
