@@ -15,7 +15,7 @@ fi
 sd2=(--config=configs/txt2img.py --config.ldm.unet.num_head_channels=64 --config.ldm.conditioning.width=1024
      --config.ldm.conditioning.depth=0 --config.data.resolution=512 --config.ldm.parameterization=v
      --config.ldm.unet.dtype=bfloat16)
-plan() { echo "### $*"; python -m latent_diffusion.plan --compilation_cache_dir="${CACHE:-/tmp/ldm_plan_cache}" "$@"; }
+plan() { echo "### $*"; python -m latent_diffusion.plan "$@"; }
 for topology in "${topologies[@]}"; do
   # A v5e chip (16 GiB) cannot hold txt2img's or the SD-2-sized UNet's replicated state: fsdp there.
   mesh=()

@@ -354,7 +354,8 @@ def find_batch(stage, config, topology, mesh_sizes, all_devices, log=print):
     a, b = sorted(sorted(plans, key=lambda n: abs(plans[n].total - (capacity or 0)))[:2])
     slope = (plans[b].total - plans[a].total) / (b - a) if b != a else 0
     guess = a + math.floor((capacity - plans[a].total) / slope) if capacity and slope > 0 and guesses < 4 else high
-    if guess >= high:  # no line, or one that misses the bracket (the compiler rematerializes near the capacity)
+    # No line, or one that misses the bracket (the compiler rematerializes to fit, so memory is flat on one side).
+    if guess >= high or 0 < low > guess:
       guess = 2 * low if high > MAX_BATCH_PER_CHIP else (low + high) // 2
     compile_at(min(max(guess, low + 1), high - 1))
 
@@ -454,8 +455,8 @@ flags.DEFINE_integer('num_slices', 1, 'Slices joined over the data-center networ
 flags.DEFINE_integer('batch_per_chip', 0, "Per-chip batch (the stage's global batch / chips); 0 keeps the config's.")
 flags.DEFINE_bool('find_batch', False, 'Find the largest per-chip batch that fits.')
 flags.DEFINE_string('mesh', 'config', "'config' (config.mesh) or 'auto' (compare data, fsdp and tensor splits).")
-flags.DEFINE_string('compilation_cache_dir', '', "JAX's persistent compilation cache: programs compiled before load "
-                    'from it (their compile time then reads as the load time).')
+flags.DEFINE_string('compilation_cache_dir', '', "JAX's persistent compilation cache, for --topology=local: programs "
+                    'compiled before load from it (their compile time then reads as the load time).')
 flags.mark_flags_as_required(['config'])
 
 
@@ -464,6 +465,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   stages = programs.STAGES if FLAGS.stage == 'all' else (FLAGS.stage,)
   if FLAGS.compilation_cache_dir:
+    if FLAGS.topology != 'local':  # jax cannot load a TPU program without a TPU: entries would be written, never read
+      raise SystemExit(f'Error: --compilation_cache_dir serves --topology=local only, not {FLAGS.topology}: JAX '
+                       'loads a cached TPU program only on a TPU. Leave the flag out.')
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   try:

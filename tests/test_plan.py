@@ -88,6 +88,9 @@ def test_collectives_are_counted_with_their_bytes_and_shapes():
     # temporaries), then gives up (15.95 at 73): aimed at 36, a line to 115; lines past the bracket bisect it (the
     # line through the nearest compiles crawled down from 115 one batch at a time)
     (32, lambda n: (4.66, 9.96 + (n - 32) * 0.0165 if n <= 72 else 15.95 + (n - 73) * 0.17), 72, 9),
+    # txt2img's KL-f8 on v6e-64 from 48 per chip (at half scale): 48 and 45 do not fit, 35 and 36 do, flat between;
+    # lines short of the bracket bisect it too (the line through 45 and 48 crawled up from 35 one batch at a time)
+    (48, lambda n: (0.51, 14.105 + (n - 35) * 0.005 if n <= 40 else 16.105 + (n - 45) * 0.065), 40, 7),
 ])
 def test_find_batch_returns_the_largest_batch_that_fits(monkeypatch, first, memory_gib, largest, compiles):
   config = txt2img.get_config('smoke')
@@ -141,6 +144,8 @@ def test_the_cli_prints_one_error_line_for_bad_input(tmp_path):
   cudnn = run('--topology=v5e:2x2', '--config.ldm.unet.attention=cudnn')
   assert "ldm.unet.attention='cudnn' runs on GPUs only, and this run's devices are TPUs" in cudnn
   assert "the config has no field 'batchsize'" in run('--topology=local', '--config.ldm.batchsize=8')
+  assert '--compilation_cache_dir serves --topology=local only' in run('--topology=v5e:2x2',
+                                                                       '--compilation_cache_dir=/tmp/x')
 
 
 def test_a_batch_that_does_not_divide_over_the_chips_is_planned_at_the_nearest_multiple():
