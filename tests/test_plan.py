@@ -88,7 +88,7 @@ def test_collectives_are_counted_with_their_bytes_and_shapes():
     # temporaries), then gives up (15.95 at 73): aimed at 36, a line to 115; lines past the bracket bisect it (the
     # line through the nearest compiles crawled down from 115 one batch at a time)
     (32, lambda n: (4.66, 9.96 + (n - 32) * 0.0165 if n <= 72 else 15.95 + (n - 73) * 0.17), 72, 9),
-    # txt2img's KL-f8 on v6e-64 from 48 per chip (at half scale): 48 and 45 do not fit, 35 and 36 do, flat between;
+    # txt2img's KL-f8 on v6e-64 from 48 per chip (at half scale): 48, 45 and 41 do not fit, 35 to 40 do, flat there;
     # lines short of the bracket bisect it too (the line through 45 and 48 crawled up from 35 one batch at a time)
     (48, lambda n: (0.51, 14.105 + (n - 35) * 0.005 if n <= 40 else 16.105 + (n - 45) * 0.065), 40, 7),
 ])
