@@ -355,7 +355,7 @@ def find_batch(stage, config, topology, mesh_sizes, all_devices, log=print):
     slope = (plans[b].total - plans[a].total) / (b - a) if b != a else 0
     guess = a + math.floor((capacity - plans[a].total) / slope) if capacity and slope > 0 and guesses < 4 else high
     # No line, or one that misses the bracket (the compiler rematerializes to fit, so memory is flat on one side).
-    if guess >= high or 0 < low > guess:
+    if guess >= high or (low > 0 and guess < low):
       guess = 2 * low if high > MAX_BATCH_PER_CHIP else (low + high) // 2
     compile_at(min(max(guess, low + 1), high - 1))
 
