@@ -324,7 +324,8 @@ def find_batch(stage, config, topology, mesh_sizes, all_devices, log=print):
   the batch (parameters and optimizer state are not), then secant steps through the two nearest compiles guess
   the largest that fits and compiles at the guess and one above confirm it: three or four compiles of minutes
   each where a doubling search takes a dozen; a config batch near the answer makes it two. Where memory is not
-  linear (the TPU compiler rematerializes to fit) a guess beyond the bracket, or any after four, bisects it."""
+  linear (the TPU compiler rematerializes to fit) a guess beyond the bracket or past twice the largest fit, or
+  any after four, bisects it (or doubles the largest fit while nothing above it has failed)."""
   section, field = programs.batch_field(stage).split('.')
   plans = {}
 
@@ -354,8 +355,9 @@ def find_batch(stage, config, topology, mesh_sizes, all_devices, log=print):
     a, b = sorted(sorted(plans, key=lambda n: abs(plans[n].total - (capacity or 0)))[:2])
     slope = (plans[b].total - plans[a].total) / (b - a) if b != a else 0
     guess = a + math.floor((capacity - plans[a].total) / slope) if capacity and slope > 0 and guesses < 4 else high
-    # No line, or one that misses the bracket (the compiler rematerializes to fit, so memory is flat on one side).
-    if guess >= high or (low > 0 and guess < low):
+    # No line, or one that misses the bracket or more than doubles the largest fit (the compiler rematerializes to
+    # fit, so memory is flat on one side and a line through it aims far off).
+    if guess >= high or (low > 0 and not low <= guess <= 2 * low):
       guess = 2 * low if high > MAX_BATCH_PER_CHIP else (low + high) // 2
     compile_at(min(max(guess, low + 1), high - 1))
 
