@@ -92,7 +92,7 @@ def test_collectives_are_counted_with_their_bytes_and_shapes():
     # lines short of the bracket bisect it too (the line through 45 and 48 crawled up from 35 one batch at a time)
     (48, lambda n: (0.51, 14.105 + (n - 35) * 0.005 if n <= 40 else 16.105 + (n - 45) * 0.065), 40, 7),
     # the SD-2-sized UNet on v5e-64 (fsdp) from 24 per chip: flat to 35, rising to 45, then over; the line through
-    # 24 and 25 aims past 1000, so the guess doubles the largest fit (before: 13 compiles, 7 refusals from 1093 down)
+    # 24 and 25 aims past 1000, so the guess doubles the largest fit (before: 13 compiles, 6 refusals from 1093 down)
     (24, lambda n: (0.2, 14.73 + (n - 24) * 0.001 if n <= 35 else 14.741 + (n - 35) * 0.066 if n <= 45
                     else 15.9 + (n - 46) * 0.25), 45, 8),
 ])
